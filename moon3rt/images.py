@@ -1,0 +1,343 @@
+"""Image preprocessing for Qwen2-VL: decode, convert to RGB, smart resize, patchify.
+
+`preprocess_image` gives the same `pixel_values` and `image_grid_thw` as
+transformers' Qwen2-VL image processor (its PIL backend): PIL BICUBIC resize of the
+uint8 RGB image to multiples of patch_size * merge_size, x / 255 in float64 then
+float32, (x - mean) / std in float32, and the patch order that groups each
+merge_size x merge_size window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200
+# Above PIL's own process-wide limit (about 179M pixels) so that a 20000 x 20000 photo
+# (400M pixels, 1.2 GB as RGB) is accepted.
+DEFAULT_MAX_IMAGE_PIXELS = 500_000_000
+
+# Errors PIL and its plugins raise for corrupt, truncated or unsupported data.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why (no item index: the caller adds it)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """Identify the format and parse the header only (PIL opens lazily).
+
+    This is `PIL.Image.open` without its process-wide MAX_IMAGE_PIXELS check, so that
+    `load_image` can apply its own per-call limit without touching PIL's global (which
+    would race with other threads). Formats whose plugins check again while reading
+    frames or tiles (GIF, TIFF, ICO) still obey PIL's global limit as well.
+    """
+    fp = io.BytesIO(data)
+    prefix = data[:16]
+    tried = set()
+    for load_plugins in (Image.preinit, Image.init):  # common formats first, as PIL does
+        load_plugins()
+        for fmt in [f for f in Image.ID if f not in tried]:
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            accepted = accept(prefix) if accept else True
+            if not accepted or isinstance(accepted, str):  # a str is a reason for refusal
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, None)
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue  # not this format after all; PIL.Image.open moves on the same way
+    raise ImageError("not a recognised image format (corrupt or unsupported data)")
+
+
+def _check_pixels(width: int, height: int, max_image_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_image_pixels:
+        raise ImageError(
+            f"image claims {width}x{height} = {width * height} pixels, more than "
+            f"max_image_pixels={max_image_pixels}; refused as a possible decompression bomb"
+        )
+
+
+@contextlib.contextmanager
+def _decode_errors():
+    """PIL's many exception types for bad data, as one ImageError with PIL's reason."""
+    try:
+        yield
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"refused as a decompression bomb by PIL: {e}") from None
+    except ImageError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"cannot decode image: {e}") from None
+
+
+def _decode(data: bytes, max_image_pixels: int, target_pixels: int | None) -> Image.Image:
+    if not data:
+        raise ImageError("empty image data")
+    with _decode_errors():
+        img = _open_header(data)
+        _check_pixels(*img.size, max_image_pixels)
+        if target_pixels is not None and img.format == "JPEG":
+            _draft_jpeg(img, target_pixels)
+        img.load()  # full decode now, so truncation is reported here, not later
+    return img
+
+
+def _draft_jpeg(img: Image.Image, target_pixels: int) -> None:
+    """Let the JPEG decoder scale down by 2, 4 or 8 (DCT scaling) for very large files.
+
+    Draft changes the pixels compared with a full decode, so it is used only when the
+    processor will shrink the image at least 4x per side anyway, and the decode keeps at
+    least 2x the target size per side; the final BICUBIC resize does the rest.
+    """
+    width, height = img.size
+    shrink = math.sqrt(width * height / max(target_pixels, 1))
+    if shrink >= 4:
+        img.draft(None, (math.ceil(2 * width / shrink), math.ceil(2 * height / shrink)))
+
+
+def _to_rgb(img: Image.Image, composite_alpha: bool = True) -> Image.Image:
+    """Any PIL mode to RGB, as transformers' `convert_to_rgb` does, except for 16-bit grey.
+
+    Transparency (an "A" band, or a `transparency` entry as in P or tRNS images) is
+    composited on white, like transformers. 16-bit grey (I;16*, and I, which older
+    Pillow uses for 16-bit PNGs) is scaled to 8 bits as round(v * 255 / 65535); PIL's
+    convert (and so transformers) clips at 255 instead, which turns most 16-bit photos
+    white. Everything else (L, 1, P, CMYK, YCbCr, F clipped to 0..255, ...) uses PIL's
+    convert. With `composite_alpha=False` transparency is dropped (PIL's plain convert),
+    which is what GME's published code does before its processor.
+    """
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    try:
+        if composite_alpha and ("A" in img.getbands() or img.info.get("transparency") is not None):
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"cannot convert mode {img.mode} to RGB: {e}") from None
+
+
+def _transpose_by_exif(img: Image.Image, in_place: bool) -> Image.Image:
+    try:
+        if in_place:
+            ImageOps.exif_transpose(img, in_place=True)
+            return img
+        return ImageOps.exif_transpose(img)
+    except (SyntaxError, ValueError, KeyError, struct.error):
+        # Broken EXIF does not make the pixels unusable: keep the stored orientation.
+        return img if in_place else img.copy()
+
+
+def _from_array(array: np.ndarray, max_image_pixels: int) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageError(f"numpy image must be uint8, got dtype {array.dtype}")
+    channels = array.shape[2] if array.ndim == 3 else 1 if array.ndim == 2 else None
+    modes = {1: "L", 3: "RGB", 4: "RGBA"}
+    if channels not in modes:
+        raise ImageError(f"numpy image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
+    height, width = array.shape[:2]
+    _check_pixels(width, height, max_image_pixels)
+    # frombytes copies once, so the image never aliases the caller's array
+    return Image.frombytes(modes[channels], (width, height), np.ascontiguousarray(array).tobytes())
+
+
+def load_image(
+    source,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    target_pixels: int | None = None,
+    composite_alpha: bool = True,
+) -> Image.Image:
+    """Decode `source` into an RGB PIL image with its EXIF orientation applied.
+
+    source: a path (str or os.PathLike), the bytes of an encoded file (bytes, bytearray,
+    memoryview), a PIL image, or a uint8 numpy array HxW (grey), HxWx3 (RGB) or HxWx4
+    (RGBA). An encoded image whose header claims more than `max_image_pixels` pixels is
+    refused before decoding. `target_pixels` (the processor's max_pixels) lets large
+    JPEGs decode at a reduced size; left at None, the decode is PIL's full one.
+    `composite_alpha`: composite transparency on white (transformers) or drop it (GME).
+    Truncated files are errors unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set.
+    """
+    if isinstance(source, np.ndarray):
+        return _to_rgb(_from_array(source, max_image_pixels), composite_alpha)
+    if isinstance(source, Image.Image):
+        _check_pixels(*source.size, max_image_pixels)
+        with _decode_errors():
+            source.load()
+        # a transposed copy: the caller's image stays as is
+        return _to_rgb(_transpose_by_exif(source, in_place=False), composite_alpha)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ImageError(f"file not found: {path!r}") from None
+        except OSError as e:
+            raise ImageError(f"cannot read {path!r}: {e.strerror or e}") from None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        raise ImageError(
+            f"unsupported image type {type(source).__name__}; expected a path, bytes, "
+            "a PIL image or a uint8 numpy array"
+        )
+    img = _decode(data, max_image_pixels, target_pixels)
+    return _to_rgb(_transpose_by_exif(img, in_place=True), composite_alpha)
+
+
+# ---------------------------------------------------------------------------------------
+# Resizing
+
+
+def _fit_area(height, width, h_bar, w_bar, factor, min_pixels, max_pixels) -> tuple[int, int]:
+    """Bring the rounded sides (h_bar, w_bar) into [min_pixels, max_pixels], keeping the
+    aspect ratio of height x width: above the max both sides scale by
+    beta = sqrt(h * w / max_pixels) and round down to multiples of `factor` (never below
+    `factor`); below the min they scale by sqrt(min_pixels / (h * w)) and round up."""
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of `factor`, area within
+    [min_pixels, max_pixels], aspect ratio kept as closely as possible.
+
+    Each side rounds to the nearest multiple of `factor`, then `_fit_area` applies. An
+    aspect ratio (of the original sides) over MAX_ASPECT_RATIO is refused.
+    """
+    if height <= 0 or width <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if min_pixels < 1:
+        raise ValueError(f"min_pixels must be at least 1, got {min_pixels}")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"aspect ratio {ratio:.1f} ({width}x{height}) is more than {MAX_ASPECT_RATIO}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    return _fit_area(height, width, h_bar, w_bar, factor, min_pixels, max_pixels)
+
+
+def gme_pre_resize(image: Image.Image) -> Image.Image:
+    """The resize GME-Qwen2-VL's published inference code (`fetch_image`) applies before
+    its processor, so GME checkpoints see the pixels their authors' code gives them.
+
+    Its own smart-resize variant: factor 28, area within [4, 16384] * 28 * 28, each side
+    rounded to at least 28, and an aspect ratio over 200 clamped (the longer side set to
+    200x the shorter) instead of refused. The resize is PIL's default for RGB, BICUBIC.
+    (Past a ratio of 16384 the published code divides by zero; here sides stay >= 28.)
+    Returns `image` itself when the size is already right.
+    """
+    factor = 28
+    width, height = image.size
+    if height <= 0 or width <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    h_bar, w_bar = _fit_area(height, width, h_bar, w_bar, factor, 4 * 28 * 28, 16384 * 28 * 28)
+    if h_bar > MAX_ASPECT_RATIO * w_bar:
+        h_bar = MAX_ASPECT_RATIO * w_bar
+    elif w_bar > MAX_ASPECT_RATIO * h_bar:
+        w_bar = MAX_ASPECT_RATIO * h_bar
+    if (w_bar, h_bar) == image.size:
+        return image
+    return image.resize((w_bar, h_bar), Image.Resampling.BICUBIC)
+
+
+# ---------------------------------------------------------------------------------------
+# Patchifying
+
+
+@dataclass
+class PatchifiedImage:
+    """One image ready for the vision tower; merged tokens = grid_h * grid_w / merge_size**2."""
+
+    pixel_values: np.ndarray  # (grid_h * grid_w, 3 * temporal_patch_size * patch_size**2) float32
+    grid_thw: tuple[int, int, int]  # (1, grid_h, grid_w), in patches of patch_size pixels
+
+
+@functools.lru_cache(maxsize=8)
+def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: the normalised value of each uint8 level per channel, computed
+    with the processor's arithmetic (x * (1/255) in float64, cast to float32, then
+    (x - mean) / std in float32), so a lookup is exact."""
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    return (levels[None, :] - mean32) / std32
+
+
+def preprocess_image(
+    image: Image.Image,
+    *,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+) -> PatchifiedImage:
+    """Resize, normalise and patchify one image for the Qwen2-VL vision tower.
+
+    Patch vectors are laid out (C, T, P, P), the single frame repeated T =
+    temporal_patch_size times; patches are ordered row-major over merge windows, and
+    row-major within each merge_size x merge_size window.
+    """
+    if image.mode != "RGB":
+        image = _to_rgb(image)
+    height, width = smart_resize(
+        image.height, image.width, patch_size * merge_size, min_pixels, max_pixels
+    )
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    pixels = np.asarray(image)  # (H, W, 3) uint8
+
+    grid_h, grid_w = height // patch_size, width // patch_size
+    m, p, t = merge_size, patch_size, temporal_patch_size
+    # (H, W, C) -> (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p): still uint8 views
+    levels = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+    levels = np.broadcast_to(levels[:, :, :, :, :, None], levels.shape[:5] + (t, p, p))
+    channel = np.arange(3).reshape(3, 1, 1, 1)  # broadcasts against the (C, T, p, p) tail
+    table = _normalise_table(tuple(map(float, mean)), tuple(map(float, std)))
+    values = table[channel, levels]  # one gather: normalised float32 in the final layout
+    return PatchifiedImage(
+        pixel_values=values.reshape(grid_h * grid_w, 3 * t * p * p),
+        grid_thw=(1, grid_h, grid_w),
+    )
