@@ -1,0 +1,65 @@
+"""Batching by token budget and packing into a `PackedBatch` (varlen, no padding)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .model import PackedBatch
+from .prompt import PreparedItem
+
+
+def plan_batches(
+    costs: Sequence[int], max_batch_tokens: int, max_batch_items: int | None = None
+) -> Iterator[list[int]]:
+    """Group item indices, in order, so each group's summed cost stays within the budget.
+
+    An item whose cost alone exceeds the budget forms a batch by itself; the budget bounds
+    every other batch, so one huge item cannot inflate the batches around it.
+    """
+    if max_batch_tokens <= 0:
+        raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+    group: list[int] = []
+    total = 0
+    for index, cost in enumerate(costs):
+        full = max_batch_items is not None and len(group) >= max_batch_items
+        if group and (total + cost > max_batch_tokens or full):
+            yield group
+            group, total = [], 0
+        group.append(index)
+        total += cost
+    if group:
+        yield group
+
+
+def _offsets(lengths: Iterable[int]) -> torch.Tensor:
+    return torch.tensor(np.concatenate([[0], np.cumsum(list(lengths), dtype=np.int64)]), dtype=torch.int32)
+
+
+def pack(items: Sequence[PreparedItem], image_merge: int = 2) -> PackedBatch:
+    """Concatenate prepared items into one packed batch (token order = item order)."""
+    if not items:
+        raise ValueError("cannot pack an empty batch")
+    starts = np.concatenate([[0], np.cumsum([it.num_tokens for it in items])[:-1]])
+    images = [img for it in items for img in it.images]
+    merged = [sum(img.grid_thw[1] * img.grid_thw[2] // image_merge**2 for img in it.images) for it in items]
+    if images:
+        pixel_values = torch.from_numpy(np.concatenate([img.pixel_values for img in images]))
+        grid_thw = torch.tensor([img.grid_thw for img in images], dtype=torch.int64)
+    else:
+        pixel_values = grid_thw = None
+    return PackedBatch(
+        input_ids=torch.from_numpy(np.concatenate([it.input_ids for it in items])),
+        position_ids=torch.from_numpy(np.concatenate([it.position_ids for it in items], axis=1)),
+        cu_seqlens=_offsets(it.num_tokens for it in items),
+        pool_index=torch.tensor([s + it.pool_position for s, it in zip(starts, items)], dtype=torch.int64),
+        title_index=torch.from_numpy(
+            np.concatenate([s + it.title_positions for s, it in zip(starts, items)]).astype(np.int64)
+        ),
+        cu_titles=_offsets(len(it.title_positions) for it in items),
+        cu_images=_offsets(merged),
+        pixel_values=pixel_values,
+        image_grid_thw=grid_thw,
+    )

@@ -1,0 +1,173 @@
+"""Checkpoint IO: HF-style directories with config.json and safetensors (one file or shards).
+
+Names are mapped to ours by prefix, so all of these load:
+
+- transformers-5 names: ``model.visual.*``, ``model.language_model.*``;
+- original Qwen2-VL / GME names: ``visual.*``, ``model.*`` (the decoder);
+- bare ``visual.*`` / ``language_model.*`` (a saved `Qwen2VLModel`);
+- MOON3 heads: ``moon3.fire.*``, ``moon3.fusion.*``, ``moon3.projection.*``.
+
+``lm_head.weight`` is not needed for embedding and is skipped. Everything else must match
+the model built from config.json exactly: missing, unexpected and mis-shaped tensors are
+reported together, at load time, in one `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Moon3Config
+from .model import Moon3Model
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+IGNORED = ("lm_head.weight",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match its own config.json."""
+
+
+def canonical_name(name: str) -> str:
+    """Our parameter name for a checkpoint tensor name."""
+    for prefix, ours in (
+        ("model.visual.", "visual."),
+        ("model.language_model.", "language_model."),
+        ("visual.", "visual."),
+        ("language_model.", "language_model."),
+        ("moon3.", "moon3."),
+        ("model.", "language_model."),
+    ):
+        if name.startswith(prefix):
+            return ours + name[len(prefix) :]
+    return name
+
+
+def tensor_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err!r})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (directory / f).exists()]
+        if missing:
+            raise CheckpointError(f"{directory}: {INDEX_FILE} names shard files that do not exist: {missing}")
+        return [directory / f for f in files]
+    if (directory / SINGLE_FILE).exists():
+        return [directory / SINGLE_FILE]
+    found = sorted(directory.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{directory}: no *.safetensors weights found")
+    return found
+
+
+def read_state_dict(
+    directory: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint under our names, memory-mapped and cast to `dtype`."""
+    directory = Path(directory)
+    state: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # our name -> the checkpoint name it came from
+    duplicates = []
+    for file in tensor_files(directory):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name in IGNORED:
+                    continue
+                ours = canonical_name(name)
+                if ours in source:  # two layouts in one checkpoint: which one is meant is unknowable
+                    duplicates.append(f"{source[ours]} and {name}")
+                    continue
+                tensor = f.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state[ours], source[ours] = tensor.to(device), name
+    if duplicates:
+        raise CheckpointError(f"{directory}: tensors stored twice under different names: {duplicates}")
+    return state
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{name}: checkpoint {tuple(state[name].shape)}, config expects {shape}"
+        for name, shape in sorted(expected.items())
+        if name in state and tuple(state[name].shape) != shape
+    ]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {missing}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {unexpected}")
+        if misshaped:
+            parts.append(f"mis-shaped {len(misshaped)}: {misshaped}")
+        raise CheckpointError(f"{where} does not match its config.json; " + "; ".join(parts))
+
+
+def load_model(
+    directory: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    flavour: str | None = None,
+) -> Moon3Model:
+    """Build the model from ``config.json`` and fill it from the safetensors files."""
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory}: no config.json (is this a checkpoint directory?)")
+    cfg = Moon3Config.from_json_file(directory / "config.json", flavour=flavour)
+    with torch.device("meta"):
+        model = Moon3Model(cfg)
+    state = read_state_dict(directory, dtype=dtype, device=device)
+    check_state_dict(model, state, str(directory))
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def save_model(model: Moon3Model, directory: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    """Write config.json and safetensors under transformers-5 names (sharded past `max_shard_bytes`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # An index left by an earlier sharded save would win over a new model.safetensors (and
+    # stale shards would linger), so the weight files of an earlier save go first.
+    for stale in [directory / INDEX_FILE, directory / SINGLE_FILE, *directory.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    model.cfg.to_json_file(directory / "config.json")
+    tensors = {_checkpoint_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if max_shard_bytes is None:
+        save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _checkpoint_name(name: str) -> str:
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("language_model."):
+        return "model." + name
+    return name

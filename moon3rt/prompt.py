@@ -1,0 +1,153 @@
+"""Text side of preprocessing: the chat template, tokenisation and M-RoPE positions.
+
+Every item becomes one prompt (DESIGN.md, "Prompt")::
+
+    <|im_start|>system\\n{instruction}<|im_end|>\\n<|im_start|>user\\n
+    <|vision_start|><|image_pad|>*n<|vision_end|>   (once per image, images first)
+    {title}<|im_end|>\\n<|im_start|>assistant\\n{pool token}
+
+The pool token is ``<emb>`` (``moon3.embed_token_id``) for ``emb_token`` pooling and
+``<|endoftext|>`` otherwise, which is exactly GME's published template.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import tokenizers
+
+from .config import Moon3Config
+from .images import PatchifiedImage
+
+SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|endoftext|>")
+
+
+class TextTooLongError(ValueError):
+    """A title longer than `max_text_tokens` with truncation turned off."""
+
+
+@dataclass
+class PreparedItem:
+    """One item, tokenised and patchified, ready to be packed into a batch."""
+
+    input_ids: np.ndarray  # (L,) int64
+    position_ids: np.ndarray  # (3, L) int64
+    title_positions: np.ndarray  # (n_title,) int64, local indices of the title tokens
+    pool_position: int  # local index of the pooling token
+    images: list[PatchifiedImage] = field(default_factory=list)
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return sum(int(img.pixel_values.shape[0]) for img in self.images)
+
+    @property
+    def cost(self) -> int:
+        """What the item costs a batch's token budget: decoder tokens plus vision patches."""
+        return self.num_tokens + self.num_patches
+
+
+def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on bad files
+        raise ValueError(f"cannot read tokenizer {path}: {err}") from None
+
+
+class PromptBuilder:
+    """Turns (title, patchified images) into a `PreparedItem` for one model config."""
+
+    def __init__(self, cfg: Moon3Config, tokenizer: tokenizers.Tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIALS}
+        missing = [tok for tok, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing} that the prompt template needs")
+        for key, tok in (
+            ("image_token_id", "<|image_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        ):
+            if getattr(cfg, key) != ids[tok]:
+                raise ValueError(
+                    f"config {key}={getattr(cfg, key)} but the tokenizer gives {tok} the id {ids[tok]}"
+                )
+        self.image_pad_id = ids["<|image_pad|>"]
+        if cfg.pooling == "emb_token":
+            self.pool_token = tokenizer.id_to_token(cfg.moon3.embed_token_id)
+            if self.pool_token is None:
+                raise ValueError(f"moon3.embed_token_id={cfg.moon3.embed_token_id} is not in the tokenizer")
+        else:
+            self.pool_token = "<|endoftext|>"
+        self.merge = cfg.vision.spatial_merge_size
+
+    def build(self, title: str | None, images: list[PatchifiedImage], truncate: bool = True) -> PreparedItem:
+        head = f"<|im_start|>system\n{self.cfg.instruction}<|im_end|>\n<|im_start|>user\n"
+        head += "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
+        title = title or ""
+        tail = f"<|im_end|>\n<|im_start|>assistant\n{self.pool_token}"
+        enc = self.tokenizer.encode(head + title + tail, add_special_tokens=False)
+        lo, hi = len(head), len(head) + len(title)
+        ids = list(enc.ids)
+        is_title = [end > lo and start < hi for start, end in enc.offsets]
+        n_title = sum(is_title)
+        truncated = False
+        if n_title > self.cfg.max_text_tokens:
+            if not truncate:
+                raise TextTooLongError(
+                    f"title has {n_title} tokens, more than max_text_tokens={self.cfg.max_text_tokens}"
+                )
+            drop = [i for i, t in enumerate(is_title) if t][self.cfg.max_text_tokens :]
+            keep = sorted(set(range(len(ids))) - set(drop))
+            ids = [ids[i] for i in keep]
+            is_title = [is_title[i] for i in keep]
+            truncated = True
+
+        # Expand each <|image_pad|> into the image's merged tokens and lay out positions.
+        out_ids: list[int] = []
+        title_pos: list[int] = []
+        pos_rows: list[np.ndarray] = []
+        cur = 0
+        image_iter = iter(images)
+        for tok, in_title in zip(ids, is_title):
+            if tok == self.image_pad_id:
+                _, gh, gw = next(image_iter).grid_thw
+                mh, mw = gh // self.merge, gw // self.merge
+                out_ids.extend([tok] * (mh * mw))
+                if self.cfg.uses_mrope:
+                    rows, cols = np.meshgrid(np.arange(mh), np.arange(mw), indexing="ij")
+                    block = np.stack([np.zeros(mh * mw, np.int64), rows.ravel(), cols.ravel()]) + cur
+                    pos_rows.append(block)
+                    cur += max(mh, mw)
+                else:
+                    pos_rows.append(np.broadcast_to(np.arange(cur, cur + mh * mw), (3, mh * mw)))
+                    cur += mh * mw
+                continue
+            if in_title:
+                title_pos.append(len(out_ids))
+            out_ids.append(tok)
+            pos_rows.append(np.full((3, 1), cur, dtype=np.int64))
+            cur += 1
+        return PreparedItem(
+            input_ids=np.asarray(out_ids, dtype=np.int64),
+            position_ids=np.concatenate(pos_rows, axis=1).astype(np.int64),
+            title_positions=np.asarray(title_pos, dtype=np.int64),
+            pool_position=len(out_ids) - 1,
+            images=list(images),
+            truncated=truncated,
+        )
+
+    def count_title_tokens(self, title: str) -> int:
+        return len(self.tokenizer.encode(title, add_special_tokens=False).ids)
+
+
+def warn_truncated(index: int, max_tokens: int) -> None:
+    warnings.warn(f"item {index}: title truncated to max_text_tokens={max_tokens}", stacklevel=3)
