@@ -1,0 +1,278 @@
+"""The public API: `load(model) -> Encoder`, `Encoder.encode(items)`, `encode(items)`."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .backends import create_backend
+from .batching import pack, plan_batches
+from .checkpoint import CheckpointError, load_model
+from .config import PRESETS, Moon3Config
+from .images import CLIP_MEAN, CLIP_STD, ImageError, gme_pre_resize, load_image, preprocess_image
+from .items import ItemError, to_item
+from .model import Moon3Model, random_model
+from .prompt import PreparedItem, PromptBuilder, TextTooLongError, load_tokenizer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_TOKENIZER = ASSETS / "moon3-tiny" / "tokenizer.json"
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+ON_ERROR = ("raise", "skip")
+
+
+class EncodeError(ValueError):
+    """Raised by `encode(on_error="raise")`: every bad item with its index and reason."""
+
+    def __init__(self, failures: Sequence[ItemError]):
+        self.failures = list(failures)
+        lines = "\n".join(f"  {f}" for f in self.failures[:20])
+        more = f"\n  ... and {len(self.failures) - 20} more" if len(self.failures) > 20 else ""
+        super().__init__(f"{len(self.failures)} item(s) cannot be embedded:\n{lines}{more}")
+
+
+@dataclass
+class EncodeResult:
+    """Embeddings (n, dim) float32 in input order; a failed item's row is NaN."""
+
+    embeddings: np.ndarray
+    failures: list[ItemError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> np.ndarray:
+        mask = np.ones(len(self.embeddings), dtype=bool)
+        mask[[f.index for f in self.failures]] = False
+        return mask
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of fp32, bf16, fp16")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Encoder:
+    """A loaded model plus its preprocessing; `encode` is safe to call from several threads."""
+
+    def __init__(self, model: Moon3Model, tokenizer, device: torch.device, dtype: torch.dtype,
+                 backend: str = "torch", name: str = "", image_mean=CLIP_MEAN, image_std=CLIP_STD):
+        self.model = model
+        self.config: Moon3Config = model.cfg
+        self.device, self.dtype, self.name = device, dtype, name
+        self.prompt = PromptBuilder(self.config, tokenizer)
+        self.backend = create_backend(backend, model, device)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+
+    def __repr__(self) -> str:
+        return (f"Encoder({self.name!r}, backend={self.backend.name!r}, device={str(self.device)!r}, "
+                f"dtype={self.dtype}, dim={self.config.output_dim}, flavour={self.config.flavour!r})")
+
+    @property
+    def dim(self) -> int:
+        return self.config.output_dim
+
+    # ------------------------------------------------------------------ preprocessing
+    def prepare(self, obj: Any, index: int = 0, truncate: bool = True) -> PreparedItem:
+        """Validate, decode, resize, patchify and tokenise one item (raises `ItemError`)."""
+        item = to_item(obj, index)
+        cfg, v = self.config, self.config.vision
+        pad = self.prompt.tokenizer.id_to_token(self.prompt.image_pad_id)
+        if item.text and pad in item.text:  # the tokenizer would read it as an image slot
+            raise ItemError(index, f"'text' contains {pad!r}, a special token reserved for image tokens")
+        images = []
+        for j, source in enumerate(item.images):
+            try:
+                gme = cfg.flavour == "gme"  # GME's own code drops alpha before its processor
+                image = load_image(source, target_pixels=cfg.max_pixels, composite_alpha=not gme)
+                if gme:
+                    image = gme_pre_resize(image)
+                images.append(preprocess_image(
+                    image, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, patch_size=v.patch_size,
+                    merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                    mean=self.image_mean, std=self.image_std,
+                ))
+            except ImageError as err:
+                where = f"image {j}: " if len(item.images) > 1 else "image: "
+                raise ItemError(index, where + str(err)) from None
+        try:
+            prepared = self.prompt.build(item.text, images, truncate=truncate)
+        except TextTooLongError as err:
+            raise ItemError(index, str(err)) from None
+        if prepared.truncated:
+            warnings.warn(f"item {index}: title truncated to max_text_tokens={cfg.max_text_tokens}", stacklevel=4)
+        return prepared
+
+    # ------------------------------------------------------------------------ encode
+    def encode(self, items: Iterable[Any], batch_size: int = 64, max_batch_tokens: int = 16384,
+               dim: int | None = None, normalize: bool = True, show_progress: bool = False,
+               on_error: str = "raise", truncate: bool = True, num_workers: int | None = None) -> np.ndarray:
+        """Embed items; returns a float32 array (n, dim) in input order.
+
+        items: str (text), image (pathlib.Path, bytes, PIL image, HxWx3 uint8 array), a dict
+        with ``text`` and ``image``/``images``, or `moon3rt.Item`. Batches hold at most
+        `batch_size` items and `max_batch_tokens` decoder tokens plus vision patches.
+        on_error: "raise" raises `EncodeError` naming every bad item; "skip" embeds the rest,
+        leaves NaN rows for the failures and warns (use `encode_with_report` to get them).
+        """
+        result = self.encode_with_report(items, batch_size, max_batch_tokens, dim, normalize,
+                                         show_progress, on_error, truncate, num_workers)
+        if result.failures:
+            warnings.warn(f"{len(result.failures)} item(s) skipped: "
+                          + "; ".join(str(f) for f in result.failures[:5]), stacklevel=2)
+        return result.embeddings
+
+    def encode_with_report(self, items: Iterable[Any], batch_size: int = 64, max_batch_tokens: int = 16384,
+                           dim: int | None = None, normalize: bool = True, show_progress: bool = False,
+                           on_error: str = "skip", truncate: bool = True,
+                           num_workers: int | None = None) -> EncodeResult:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if dim is not None and not 0 < dim <= self.dim:
+            raise ValueError(f"dim={dim} is out of range: this model's vectors have {self.dim} dimensions")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
+            raise TypeError("encode() takes a list of items; wrap a single item in a list")
+        items = list(items)
+        out = np.full((len(items), dim or self.dim), np.nan, dtype=np.float32)
+        failures: dict[int, ItemError] = {}
+        workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
+        window = max(4 * batch_size, 64)  # items prepared ahead of the model, bounding host memory
+        bar = tqdm(total=len(items), disable=not show_progress, unit="item", desc="encode")
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for lo in range(0, len(items), window):
+                indices = range(lo, min(lo + window, len(items)))
+                prepared = dict(zip(indices, pool.map(lambda i: self._try_prepare(items[i], i, truncate), indices)))
+                bad = [p for p in prepared.values() if isinstance(p, ItemError)]
+                failures.update((p.index, p) for p in bad)
+                bar.update(len(bad))
+                if failures and on_error == "raise":
+                    continue  # keep validating, so the error names every bad item, but embed nothing
+                good = [i for i in indices if not isinstance(prepared[i], ItemError)]
+                for group in plan_batches([prepared[i].cost for i in good], max_batch_tokens, batch_size):
+                    batch_indices = [good[g] for g in group]
+                    self._run(batch_indices, prepared, out, failures, dim, normalize, on_error)
+                    bar.update(len(batch_indices))
+        bar.close()
+        if failures and on_error == "raise":
+            raise EncodeError(sorted(failures.values(), key=lambda f: f.index))
+        return EncodeResult(out, sorted(failures.values(), key=lambda f: f.index))
+
+    def _try_prepare(self, obj: Any, index: int, truncate: bool) -> PreparedItem | ItemError:
+        try:
+            return self.prepare(obj, index, truncate)
+        except ItemError as err:
+            return err
+
+    def _run(self, indices, prepared, out, failures, dim, normalize, on_error) -> None:
+        try:
+            y = self.backend.embed(pack([prepared[i] for i in indices], self.config.vision.spatial_merge_size))
+        except (RuntimeError, ValueError) as err:
+            if len(indices) > 1:  # find the culprit without costing the other items their results
+                for i in indices:
+                    self._run([i], prepared, out, failures, dim, normalize, on_error)
+                return
+            failure = ItemError(indices[0], f"model failed: {err}")
+            if on_error == "raise":
+                raise EncodeError([failure]) from err
+            failures[indices[0]] = failure
+            return
+        if dim is not None:
+            y = y[:, :dim]
+        if normalize:
+            y = F.normalize(y.float(), dim=-1)
+        out[indices] = y.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- loading
+def _preprocessor_overrides(directory: Path, cfg: Moon3Config, raw: dict) -> tuple[tuple, tuple]:
+    """Pixel limits and mean/std from preprocessor_config.json, unless config.json fixes them."""
+    mean, std = CLIP_MEAN, CLIP_STD
+    path = directory / "preprocessor_config.json"
+    if not path.exists():
+        return mean, std
+    pre = json.loads(path.read_text())
+    mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+    runtime = raw.get("moon3rt") or {}
+    size = pre.get("size") or {}
+    if cfg.flavour != "gme" and "min_pixels" not in runtime:
+        cfg.min_pixels = int(pre.get("min_pixels", size.get("shortest_edge", cfg.min_pixels)))
+    if cfg.flavour != "gme" and "max_pixels" not in runtime:
+        cfg.max_pixels = int(pre.get("max_pixels", size.get("longest_edge", cfg.max_pixels)))
+    return mean, std
+
+
+def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, backend: str = "torch", flavour: str | None = None,
+         seed: int = 0) -> Encoder:
+    """Load a preset (random weights, see `Moon3Config.from_name`) or a checkpoint directory.
+
+    device: default CUDA when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
+    flavour: override the checkpoint's detected recipe ("moon3", "gme", "qwen2-vl").
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    name = os.fspath(model)
+    if name in PRESETS and not Path(name).is_dir():
+        cfg = Moon3Config.from_name(name)
+        if flavour is not None:
+            cfg.flavour = flavour
+            cfg.validate()
+        net = random_model(cfg, seed=seed, device=device, dtype=dtype)
+        return Encoder(net, load_tokenizer(TINY_TOKENIZER), device, dtype, backend, name)
+    directory = Path(name)
+    if not directory.is_dir():
+        raise ValueError(f"model {name!r} is neither a preset ({sorted(PRESETS)}) nor a checkpoint directory")
+    if not (directory / "tokenizer.json").exists():
+        raise CheckpointError(f"{directory}: no tokenizer.json")
+    net = load_model(directory, dtype=dtype, device=device, flavour=flavour)
+    raw = json.loads((directory / "config.json").read_text())
+    mean, std = _preprocessor_overrides(directory, net.cfg, raw)
+    net.cfg.validate()
+    return Encoder(net, load_tokenizer(directory / "tokenizer.json"), device, dtype, backend, name, mean, std)
+
+
+_CACHE: dict[tuple, Encoder] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def encode(items: Iterable[Any], model: str | os.PathLike = "moon3-tiny", device=None, dtype=None,
+           backend: str = "torch", **kwargs) -> np.ndarray:
+    """One-off `load(model).encode(items, **kwargs)` with the encoder cached per model/device/dtype/backend."""
+    key = (os.fspath(model), str(device), str(dtype), backend)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load(model, device=device, dtype=dtype, backend=backend)
+        encoder = _CACHE[key]
+    return encoder.encode(items, **kwargs)
+
