@@ -106,9 +106,6 @@ class Encoder:
         """Validate, decode, resize, patchify and tokenise one item (raises `ItemError`)."""
         item = to_item(obj, index)
         cfg, v = self.config, self.config.vision
-        pad = self.prompt.tokenizer.id_to_token(self.prompt.image_pad_id)
-        if item.text and pad in item.text:  # the tokenizer would read it as an image slot
-            raise ItemError(index, f"'text' contains {pad!r}, a special token reserved for image tokens")
         images = []
         for j, source in enumerate(item.images):
             try:

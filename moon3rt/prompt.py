@@ -88,28 +88,28 @@ class PromptBuilder:
         else:
             self.pool_token = "<|endoftext|>"
         self.merge = cfg.vision.spatial_merge_size
+        self.title_tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+        self.title_tokenizer.encode_special_tokens = True
 
     def build(self, title: str | None, images: list[PatchifiedImage], truncate: bool = True) -> PreparedItem:
         head = f"<|im_start|>system\n{self.cfg.instruction}<|im_end|>\n<|im_start|>user\n"
         head += "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
-        title = title or ""
         tail = f"<|im_end|>\n<|im_start|>assistant\n{self.pool_token}"
-        enc = self.tokenizer.encode(head + title + tail, add_special_tokens=False)
-        lo, hi = len(head), len(head) + len(title)
-        ids = list(enc.ids)
-        is_title = [end > lo and start < hi for start, end in enc.offsets]
-        n_title = sum(is_title)
+        head_ids = self.tokenizer.encode(head, add_special_tokens=False).ids
+        tail_ids = self.tokenizer.encode(tail, add_special_tokens=False).ids
+        # The title is user text: special-token strings in it ("<|im_end|>", "<emb>") are
+        # ordinary characters, never template structure.
+        title_ids = self.title_tokenizer.encode(title or "", add_special_tokens=False).ids
         truncated = False
-        if n_title > self.cfg.max_text_tokens:
+        if len(title_ids) > self.cfg.max_text_tokens:
             if not truncate:
                 raise TextTooLongError(
-                    f"title has {n_title} tokens, more than max_text_tokens={self.cfg.max_text_tokens}"
+                    f"title has {len(title_ids)} tokens, more than max_text_tokens={self.cfg.max_text_tokens}"
                 )
-            drop = [i for i, t in enumerate(is_title) if t][self.cfg.max_text_tokens :]
-            keep = sorted(set(range(len(ids))) - set(drop))
-            ids = [ids[i] for i in keep]
-            is_title = [is_title[i] for i in keep]
+            title_ids = title_ids[: self.cfg.max_text_tokens]
             truncated = True
+        ids = head_ids + title_ids + tail_ids
+        is_title = [False] * len(head_ids) + [True] * len(title_ids) + [False] * len(tail_ids)
 
         # Expand each <|image_pad|> into the image's merged tokens and lay out positions.
         out_ids: list[int] = []
@@ -118,7 +118,7 @@ class PromptBuilder:
         cur = 0
         image_iter = iter(images)
         for tok, in_title in zip(ids, is_title):
-            if tok == self.image_pad_id:
+            if tok == self.image_pad_id and not in_title:
                 _, gh, gw = next(image_iter).grid_thw
                 mh, mw = gh // self.merge, gw // self.merge
                 out_ids.extend([tok] * (mh * mw))
@@ -148,6 +148,3 @@ class PromptBuilder:
     def count_title_tokens(self, title: str) -> int:
         return len(self.tokenizer.encode(title, add_special_tokens=False).ids)
 
-
-def warn_truncated(index: int, max_tokens: int) -> None:
-    warnings.warn(f"item {index}: title truncated to max_text_tokens={max_tokens}", stacklevel=3)
