@@ -143,7 +143,7 @@ def save_model(model: Moon3Model, directory: str | os.PathLike, max_shard_bytes:
     for stale in [directory / INDEX_FILE, directory / SINGLE_FILE, *directory.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
     model.cfg.to_json_file(directory / "config.json")
-    tensors = {_checkpoint_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {_checkpoint_name(k): _own_storage(v.detach().cpu()) for k, v in model.state_dict().items()}
     if max_shard_bytes is None:
         save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
         return
@@ -163,6 +163,14 @@ def save_model(model: Moon3Model, directory: str | os.PathLike, max_shard_bytes:
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses tensors that share memory (e.g. the triton backend's fused q/k/v views)."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
 
 
 def _checkpoint_name(name: str) -> str:

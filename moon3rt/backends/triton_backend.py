@@ -1,0 +1,185 @@
+"""The fused backend: the reference model's weights run through moon3rt's Triton kernels.
+
+GEMMs stay on cuBLAS through torch; everything between them is a kernel from
+`moon3rt.kernels`:
+
+- vision tower: LayerNorm (fused with the residual add), 2-D RoPE on q and k in place,
+  varlen bidirectional attention per image, bias + QuickGELU;
+- decoder: residual add + RMSNorm, M-RoPE on q and k in place (angles computed in-kernel
+  from the 3-D positions), varlen causal GQA attention per item, SwiGLU on the fused
+  gate/up GEMM's output;
+- FIRE: fused prologue (RMSNorm + down GEMM + SiLU) and, after each FIRE layer, a GEMM
+  whose epilogue adds `tanh(alpha) R U_l` into the image rows in place;
+- MHMF: the absorbed form, one kernel reading each raw token once for all heads.
+
+q/k/v and gate/up weights are concatenated once into single GEMMs; the model's own
+parameters become views into the concatenated tensors, so nothing is stored twice and
+the torch backend keeps working on the same model. Needs a CUDA device, or
+``TRITON_INTERPRET=1`` (Triton's interpreter, CPU, for tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.fire import fire_inject_, fire_prologue
+from ..kernels.fusion_attention import fusion_attention
+from ..kernels.layer_norm import layer_norm
+from ..kernels.quick_gelu import bias_quick_gelu
+from ..kernels.rms_norm import rms_norm
+from ..kernels.rope import apply_mrope_, apply_vision_rope_
+from ..kernels.swiglu import swiglu_packed
+from ..kernels.varlen_attention import varlen_attention
+from ..model import Moon3Model, PackedBatch, vision_positions
+
+
+def _concat_into_views(modules_and_names: list[tuple[nn.Module, str]]) -> torch.Tensor:
+    """Concatenate parameters along dim 0 and make each module's parameter a view into the result."""
+    params = [getattr(m, n) for m, n in modules_and_names]
+    fused = torch.cat([p.detach() for p in params], dim=0)
+    start = 0
+    for (module, name), p in zip(modules_and_names, params):
+        rows = p.shape[0]
+        setattr(module, name, nn.Parameter(fused[start : start + rows], requires_grad=False))
+        start += rows
+    return fused
+
+
+def _max_len(cu: torch.Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, model: Moon3Model, device: torch.device):
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs a CUDA device; on a CPU it runs only under TRITON_INTERPRET=1 "
+                "(Triton's interpreter, for tests)"
+            )
+        self.model, self.device, self.cfg = model, device, model.cfg
+        lm = model.language_model
+        self.qkv, self.gate_up = [], []
+        for layer in lm.layers:
+            a = layer.self_attn
+            w = _concat_into_views([(a.q_proj, "weight"), (a.k_proj, "weight"), (a.v_proj, "weight")])
+            b = _concat_into_views([(a.q_proj, "bias"), (a.k_proj, "bias"), (a.v_proj, "bias")])
+            self.qkv.append((w, b))
+            m = layer.mlp
+            self.gate_up.append(_concat_into_views([(m.gate_proj, "weight"), (m.up_proj, "weight")]))
+        t, v = self.cfg.text, self.cfg.vision
+        self.text_inv_freq = 1.0 / t.rope_theta ** (
+            torch.arange(0, t.head_dim, 2, dtype=torch.float32, device=device) / t.head_dim
+        )
+        quarter = v.head_dim // 2
+        self.vision_inv_freq = 1.0 / v.rope_theta ** (
+            torch.arange(0, quarter, 2, dtype=torch.float32, device=device) / quarter
+        )
+
+    # ------------------------------------------------------------------------ vision
+    def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tower, cfg = self.model.visual, self.cfg.vision
+        grid_host = grid_thw.cpu()
+        positions = vision_positions(grid_host, cfg.spatial_merge_size).to(self.device)
+        lengths = grid_host.prod(-1).to(torch.int32)
+        cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        max_len = _max_len(cu)
+        cu = cu.to(self.device)
+        x = tower.patch_embed(pixel_values.to(self.device))
+        n, heads = x.shape[0], cfg.num_heads
+        out = None
+        for block in tower.blocks:
+            if out is None:
+                y = layer_norm(x, block.norm1.weight, block.norm1.bias, block.norm1.eps)
+            else:
+                y, x = layer_norm(out, block.norm1.weight, block.norm1.bias, block.norm1.eps, residual=x)
+            qkv = F.linear(y, block.attn.qkv.weight, block.attn.qkv.bias).view(n, 3, heads, cfg.head_dim)
+            q, k, v = qkv.unbind(1)
+            apply_vision_rope_(q, k, positions, self.vision_inv_freq)
+            attn = varlen_attention(q, k, v, cu, max_len, causal=False)
+            out = F.linear(attn.reshape(n, -1), block.attn.proj.weight, block.attn.proj.bias)
+            y, x = layer_norm(out, block.norm2.weight, block.norm2.bias, block.norm2.eps, residual=x)
+            hidden = bias_quick_gelu(F.linear(y, block.mlp.fc1.weight), block.mlp.fc1.bias)
+            out = F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias)
+        if out is not None:
+            x = x + out
+        merger = tower.merger
+        z = layer_norm(x, merger.ln_q.weight, merger.ln_q.bias, merger.ln_q.eps).view(-1, cfg.merged_dim)
+        return z, merger.mlp(z)
+
+    # ----------------------------------------------------------------------- decoder
+    def hidden_states(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model, cfg = self.model, self.cfg
+        lm, t = model.language_model, cfg.text
+        max_len = _max_len(batch.cu_seqlens)
+        batch = batch.to(self.device)
+        h = lm.embed_tokens(batch.input_ids)
+        v = rows = r = None
+        if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
+            z, v = self.vision(batch.pixel_values, batch.image_grid_thw)
+            rows = torch.nonzero(batch.input_ids == cfg.image_token_id).squeeze(1)
+            h = h.index_copy(0, rows, v.to(h.dtype))
+            if model.fire is not None:
+                r = fire_prologue(z, model.fire.norm.weight, model.fire.down.weight, model.fire.norm.eps)
+        fire_slots = {layer: slot for slot, layer in enumerate(model.fire.layers)} if model.fire is not None else {}
+        n, hq, hk, hd = h.shape[0], t.num_attention_heads, t.num_key_value_heads, t.head_dim
+        out = None  # the sublayer output not yet added to the residual stream h
+        for i, layer in enumerate(lm.layers):
+            norm = layer.input_layernorm
+            if out is None:
+                y = rms_norm(h, norm.weight, norm.eps)
+            else:
+                y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
+            w_qkv, b_qkv = self.qkv[i]
+            qkv = F.linear(y, w_qkv, b_qkv)
+            q = qkv[:, : hq * hd].view(n, hq, hd)
+            k = qkv[:, hq * hd : (hq + hk) * hd].view(n, hk, hd)
+            vv = qkv[:, (hq + hk) * hd :].view(n, hk, hd)
+            apply_mrope_(q, k, batch.position_ids, self.text_inv_freq, t.mrope_section)
+            attn = varlen_attention(q, k, vv, batch.cu_seqlens, max_len, causal=True)
+            out = F.linear(attn.reshape(n, -1), layer.self_attn.o_proj.weight)
+            norm = layer.post_attention_layernorm
+            y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
+            out = F.linear(swiglu_packed(F.linear(y, self.gate_up[i])), layer.mlp.down_proj.weight)
+            if r is not None and i in fire_slots:
+                h, out = h + out, None
+                slot = fire_slots[i]
+                fire_inject_(h, rows, r, model.fire.up[slot], model.fire.alpha[slot])
+        if out is None:
+            return rms_norm(h, lm.norm.weight, lm.norm.eps), v
+        y, _ = rms_norm(out, lm.norm.weight, lm.norm.eps, residual=h)
+        return y, v
+
+    # ------------------------------------------------------------------------- heads
+    def fusion(self, e: torch.Tensor, x_img, cu_img, x_txt, cu_txt) -> torch.Tensor:
+        """MHMF in the absorbed form of DESIGN.md: q~_h = W_k^hT q_h / sqrt(d_f), o = W_v^h x_mix + b_v."""
+        fusion = self.model.fusion
+        H, Df, d = fusion.num_heads, fusion.head_dim, e.shape[1]
+        q = F.linear(e, fusion.q_proj.weight.float(), fusion.q_proj.bias.float()).view(-1, H, Df)
+        w_k = fusion.k_proj.weight.float().view(H, Df, d)
+        q_abs = torch.einsum("bhf,hfd->bhd", q, w_k) / Df**0.5  # the K bias drops out of the softmax
+        gate_logits = F.linear(e, fusion.gate.weight.float(), fusion.gate.bias.float()).view(-1, H, 2)
+        x_mix = fusion_attention(q_abs, x_img.float(), cu_img, x_txt.float(), cu_txt, gate_logits)
+        w_v = fusion.v_proj.weight.float().view(H, Df, d)
+        present = ((cu_img[1:] > cu_img[:-1]) | (cu_txt[1:] > cu_txt[:-1])).float()  # an item with no tokens adds 0
+        o = torch.einsum("bhd,hfd->bhf", x_mix, w_v) + fusion.v_proj.bias.float().view(H, Df) * present[:, None, None]
+        return e + F.linear(o.reshape(-1, H * Df), fusion.o_proj.weight.float())
+
+    @torch.inference_mode()
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        model = self.model
+        h, v = self.hidden_states(batch)
+        batch = batch.to(self.device)
+        e = model.pool(h, batch).float()
+        if model.fusion is not None:
+            x_img = v if v is not None else h.new_zeros(0, h.shape[1])
+            x_txt = model.language_model.embed_tokens(batch.input_ids[batch.title_index])
+            e = self.fusion(e, x_img, batch.cu_images, x_txt, batch.cu_titles)
+        if model.projection is not None:
+            e = e @ model.projection.weight.float().t()
+        return e
