@@ -1,0 +1,22 @@
+"""The kernel benchmark's harness runs (CPU: interpreter smoke) and writes its JSON."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke", "--only", "rms_norm,fusion,fire_inject", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("kernels-*.json")
+    record = json.loads(path.read_text())
+    ops = {r["op"] for r in record["results"]}
+    assert ops == {"rms_norm+residual", "fusion_attention", "fire_inject"}
+    for row in record["results"]:
+        assert row["triton_ms"] > 0 and row["torch_ms"] > 0
+        assert row["pct_limit"] >= 0
+    assert record["commit"] and record["versions"]["triton"]
