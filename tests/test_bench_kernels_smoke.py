@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
@@ -10,6 +11,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
 def test_kernel_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     assert module.main(["--smoke", "--only", "rms_norm,fusion,fire_inject", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("kernels-*.json")
