@@ -8,7 +8,7 @@ import torch
 
 from ..model import Moon3Model, PackedBatch
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton", "onnxruntime")
 
 
 class Backend(Protocol):
@@ -25,4 +25,12 @@ def create_backend(name: str, model: Moon3Model, device: torch.device) -> Backen
         from .torch_backend import TorchBackend
 
         return TorchBackend(model, device)
+    if name == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend(model, device)
+    if name == "onnxruntime":  # needs the `onnx` extra; imported only when asked for
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(model, device)
     raise ValueError(f"unknown backend {name!r}; available backends: {list(BACKENDS)}")

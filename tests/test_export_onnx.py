@@ -1,0 +1,270 @@
+"""ONNX export of the whole forward and the onnxruntime backend against the torch reference (fp32)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import moon3rt  # noqa: E402
+from moon3rt.batching import pack  # noqa: E402
+from moon3rt.config import Moon3Config  # noqa: E402
+from moon3rt.export.export_onnx import ExportError, export_onnx, fp32_model, main  # noqa: E402
+from moon3rt.export.onnx_model import OUTPUT, export_inputs  # noqa: E402
+from moon3rt.images import preprocess_image  # noqa: E402
+from moon3rt.model import Moon3Model, random_model  # noqa: E402
+from moon3rt.prompt import PromptBuilder, load_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "moon3rt/assets/moon3-tiny/tokenizer.json"
+CATALOGUE = ROOT / "moon3rt/assets/catalogue"
+ATOL = 1e-5  # fp32 max abs error on the un-normalised vectors (|y| ~ 0.5)
+MIN_COSINE = 0.9999
+LONG_TITLE = "slim fit stretch denim jacket with brass buttons, " * 6
+
+# items as (title, [(height, width) of each image])
+BATCHES = {
+    "1-item-1-image": [("Red cotton crew-neck t-shirt", [(60, 90)])],
+    "3-items-mixed": [("two views", [(37, 101), (113, 47)]), ("navy linen shirt, size M", []), (None, [(75, 75)])],
+    "7-items-mixed": [
+        ("a", []), (LONG_TITLE, [(56, 56)]), ("green ceramic mug", [(90, 60), (60, 90)]), (None, [(120, 80)]),
+        ("white leather sneakers, low top", []), ("b", [(70, 70), (56, 112)]), ("black backpack", [(64, 64)]),
+    ],
+    "text-only": [("navy linen shirt", []), (LONG_TITLE, []), ("x", []), ("brown suede shoes, size 42", [])],
+}
+
+
+def image(h, w, seed):
+    rng = np.random.default_rng(seed)
+    pil = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return preprocess_image(pil, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+
+
+def prepared(builder, spec):
+    return [builder.build(title, [image(h, w, 7 * i + j) for j, (h, w) in enumerate(sizes)])
+            for i, (title, sizes) in enumerate(spec)]
+
+
+def build(builder, spec):
+    return pack(prepared(builder, spec))
+
+
+def tiny(pooling="emb_token", backbone=False, flavour=None):
+    cfg = Moon3Config.from_name("moon3-tiny")
+    if backbone:
+        cfg.moon3 = None
+    else:
+        cfg.moon3.pooling = pooling
+    cfg.flavour = flavour or cfg.flavour
+    return random_model(cfg.validate(), seed=3)
+
+
+def run(session, batch, cfg, vision=True):
+    inputs = export_inputs(batch, cfg, vision=vision)
+    return session.run([OUTPUT], {i.name: inputs[i.name] for i in session.get_inputs()})[0]
+
+
+def compare(session, model, batch, vision=True, name=""):
+    got = run(session, batch, model.cfg, vision)
+    with torch.no_grad():
+        ref = model(batch).numpy()
+    err = np.abs(got - ref).max()
+    cos = ((got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)).min()
+    print(f"{name}: B={batch.num_items} T={batch.input_ids.numel()} max abs error {err:.2e}, min cosine {cos:.7f}")
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert err <= ATOL and cos > MIN_COSINE, f"{name}: max abs error {err:.3g} (atol {ATOL}), min cosine {cos:.7f}"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def builder(model):
+    return PromptBuilder(model.cfg, load_tokenizer(TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    """(full graph path, text-only graph path) of the tiny model."""
+    out = tmp_path_factory.mktemp("onnx")
+    return export_onnx(model, out / "model.onnx"), export_onnx(model, out / "text.onnx", vision=False)
+
+
+@pytest.fixture(scope="module")
+def sessions(exported):
+    return tuple(ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in exported)
+
+
+def test_graph_passes_checker_with_dynamic_dims_and_metadata(exported, model):
+    full, text = exported
+    for path, n_inputs in ((full, 8), (text, 5)):
+        onnx.checker.check_model(str(path), full_check=True)
+        proto = onnx.load(str(path))
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+        assert len(dims) == n_inputs
+        assert dims["input_ids"] == ["T"] and dims["position_ids"] == [3, "T"] and dims["pool_index"] == ["B"]
+        ops = {n.op_type for n in proto.graph.node}
+        assert not ops & {"Loop", "If", "Scan", "NonZero"}, ops
+        meta = {p.key: p.value for p in proto.metadata_props}
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        assert json.loads(meta["moon3rt.dims"]) == sidecar["dims"]
+        assert [i["name"] for i in sidecar["inputs"]] == list(dims)
+        assert sidecar["outputs"][0]["shape"] == ["B", model.cfg.output_dim]
+    assert dims.keys() <= {"input_ids", "position_ids", "token_item", "title_mask", "pool_index"}
+    sidecar = json.loads(full.with_suffix(".json").read_text())
+    assert sidecar["dims"]["P"] == {"min": 4, "opt": 4096, "max": 16384}
+    assert {i["name"]: i["shape"] for i in sidecar["inputs"]}["pixel_values"] == ["P", 1176]
+
+
+@pytest.mark.parametrize("case", list(BATCHES))
+def test_onnxruntime_matches_torch(sessions, model, builder, case):
+    compare(sessions[0], model, build(builder, BATCHES[case]), name=case)
+
+
+def test_text_only_graph(sessions, model, builder):
+    compare(sessions[1], model, build(builder, BATCHES["text-only"]), vision=False, name="text-only graph")
+    with pytest.raises(ValueError, match="text-only graph cannot take images"):
+        export_inputs(build(builder, BATCHES["1-item-1-image"]), model.cfg, vision=False)
+
+
+def test_item_alone_equals_item_in_batch(sessions, model, builder):
+    items = prepared(builder, BATCHES["7-items-mixed"])
+
+    together = run(sessions[0], pack(items), model.cfg)
+    alone = np.concatenate([run(sessions[0], pack([item]), model.cfg) for item in items])
+    assert np.abs(together - alone).max() <= ATOL
+
+
+@pytest.mark.parametrize("variant", ["last", "mean", "backbone", "gme"])
+def test_every_pooling_and_flavour_exports(variant, builder, tmp_path):
+    if variant in ("last", "mean"):
+        net = tiny(pooling=variant)
+    else:  # no moon3 block: no FIRE, MHMF or projection; gme also has 1-D positions
+        net = tiny(backbone=True, flavour="gme" if variant == "gme" else "qwen2-vl")
+    path = export_onnx(net, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    local = PromptBuilder(net.cfg, load_tokenizer(TOKENIZER))
+    compare(session, net, build(local, BATCHES["3-items-mixed"]), name=variant)
+    compare(session, net, build(local, BATCHES["text-only"]), name=f"{variant} text-only")
+
+
+def test_bf16_model_exports_in_fp32(builder, tmp_path):
+    net = random_model(Moon3Config.from_name("moon3-tiny"), seed=3, dtype=torch.bfloat16)
+    path = export_onnx(net, tmp_path / "model.onnx")
+    assert json.loads(path.with_suffix(".json").read_text())["source_dtype"] == "bfloat16"
+    assert next(net.parameters()).dtype == torch.bfloat16  # the model itself is left as it was
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # the graph is the bf16 weights evaluated in fp32
+    compare(session, fp32_model(net), build(builder, BATCHES["3-items-mixed"]), name="bf16 weights, fp32 graph")
+    with torch.no_grad():
+        bf16 = net(build(builder, BATCHES["3-items-mixed"])).numpy()
+    got = run(session, build(builder, BATCHES["3-items-mixed"]), net.cfg)
+    cos = (got * bf16).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(bf16, axis=-1)
+    print(f"bf16 torch vs fp32 graph: min cosine {cos.min():.5f}")
+    assert cos.min() > 0.99
+
+
+def test_dynamo_exporter_gives_the_same_graph_inputs_and_results(model, builder, tmp_path, exported):
+    pytest.importorskip("onnxscript")
+    path = export_onnx(model, tmp_path / "dynamo.onnx", opset=18, dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(exported[0]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [i.name for i in reference.get_inputs()]
+    compare(session, model, build(builder, BATCHES["7-items-mixed"]), name="dynamo exporter")
+    compare(session, model, build(builder, BATCHES["text-only"]), name="dynamo exporter, text-only")
+
+
+def test_large_weights_go_to_one_external_data_file(model, builder, tmp_path, monkeypatch):
+    import moon3rt.export.export_onnx as exporter
+
+    monkeypatch.setattr(exporter, "PROTOBUF_LIMIT", 1)  # as if the weights passed 2 GiB
+    path = export_onnx(model, tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.json", "big.onnx", "big.onnx.data"]
+    assert path.stat().st_size < 200_000  # the graph alone
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    compare(session, model, build(builder, BATCHES["3-items-mixed"]), name="external data")
+
+
+def test_api_onnxruntime_backend_matches_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOON3RT_CACHE", str(tmp_path))
+    rows = [json.loads(line) for line in (CATALOGUE / "items.jsonl").read_text().splitlines()]
+    items = [{"text": r["text"], "image": CATALOGUE / r["image"]} for r in rows]
+    items += ["navy linen shirt", {"image": CATALOGUE / "green_mug.png"},
+              {"text": "two views", "images": [CATALOGUE / "red_dress.jpg", CATALOGUE / "green_mug.png"]}]
+    ref = moon3rt.load("moon3-tiny", device="cpu").encode(items)
+    encoder = moon3rt.load("moon3-tiny", device="cpu", backend="onnxruntime")
+    assert encoder.backend.name == "onnxruntime"
+    got = encoder.encode(items)
+    assert np.abs(got - ref).max() <= ATOL
+    path = encoder.backend.model_path
+    assert path.parent.parent == tmp_path / "onnx" and path.exists()
+    # a budget smaller than one item: every item runs alone, same vectors
+    encoder.backend.max_batch_tokens = 64
+    short = ref[:, :32] / np.linalg.norm(ref[:, :32], axis=-1, keepdims=True)
+    assert np.abs(encoder.encode(items, dim=32) - short).max() <= ATOL
+    # a second encoder finds the export in the cache instead of exporting again
+    stamp = path.stat().st_mtime_ns
+    again = moon3rt.load("moon3-tiny", device="cpu", backend="onnxruntime")
+    assert np.abs(again.encode(items[:2]) - ref[:2]).max() <= ATOL
+    assert again.backend.model_path == path and path.stat().st_mtime_ns == stamp
+
+
+def test_backend_cuts_big_batches_by_whole_items(model, builder, tmp_path):
+    from moon3rt.backends.onnxruntime_backend import OnnxRuntimeBackend, split_items
+
+    batch = build(builder, BATCHES["7-items-mixed"])
+    budget = (batch.input_ids.numel() + batch.pixel_values.shape[0]) // 4
+    parts = split_items(batch, budget, merge=2)
+    assert 3 <= len(parts) < 7 and sum(p.num_items for p in parts) == 7
+    assert sum(p.pixel_values.shape[0] for p in parts if p.pixel_values is not None) == batch.pixel_values.shape[0]
+    backend = OnnxRuntimeBackend(model, torch.device("cpu"), cache_dir=tmp_path, max_batch_tokens=budget)
+    with torch.no_grad():
+        ref = model(batch)
+    assert (backend.embed(batch) - ref).abs().max().item() <= ATOL
+
+
+def test_cli_exports_and_verifies(tmp_path, capsys):
+    assert main(["--model", "moon3-tiny", "--out", str(tmp_path / "m.onnx"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "max abs error" in out and (tmp_path / "m.json").exists()
+    error = float(out.rsplit("max abs error", 1)[1].split(",")[0])
+    assert error <= ATOL
+
+
+# ------------------------------------------------------------------------- bad input
+def test_unsupported_opset_and_model_are_clear_errors(model, tmp_path, capsys):
+    with pytest.raises(ExportError, match=r"opset 11 is not supported: use 12\.\.20"):
+        export_onnx(model, tmp_path / "m.onnx", opset=11)
+    with pytest.raises(ExportError, match="neither a preset"):
+        export_onnx("moon3-huge", tmp_path / "m.onnx")
+    with torch.device("meta"):
+        hollow = Moon3Model(Moon3Config.from_name("moon3-tiny"))
+    with pytest.raises(ExportError, match="meta device"):
+        export_onnx(hollow, tmp_path / "m.onnx")
+    broken = tiny()
+    broken.cfg.moon3.pooling = "cls"  # a config edited after the model was built
+    with pytest.raises(ValueError, match="moon3.pooling='cls' is not one of"):
+        export_onnx(broken, tmp_path / "m.onnx")
+    assert main(["--model", "moon3-tiny", "--out", str(tmp_path / "m.onnx"), "--opset", "9"]) == 2
+    assert "opset 9 is not supported" in capsys.readouterr().err
+
+
+def test_mismatched_image_tokens_are_rejected(model, builder):
+    batch = build(builder, BATCHES["1-item-1-image"])
+    batch.input_ids[torch.nonzero(batch.input_ids == model.cfg.image_token_id)[0]] = 11
+    with pytest.raises(ValueError, match=r"<\|image_pad\|> tokens but \d+ merged image tokens"):
+        export_inputs(batch, model.cfg)
+
+
+def test_missing_onnxruntime_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"pip install 'moon3rt\[onnx\]'"):
+        moon3rt.load("moon3-tiny", device="cpu", backend="onnxruntime")
