@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One prepared check for a lent H100/H200, within about 6 minutes in all:
+#   1. install (offline, editable) and record the machine: nvidia-smi, pip freeze, versions
+#   2. the GPU tests              pytest -m gpu tests/
+#   3. the kernel benchmark       bench/bench_kernels.py, when it exists
+#   4. the throughput benchmark   moon3-2b bf16, batch 1,16,64, short durations: moon3rt
+#                                 backends and the transformers peer; then torch.compile in a
+#                                 run of its own (compiling may not fit, so it cannot starve
+#                                 the first), whose report includes the first run's rows
+#   5. the rest of the suite      pytest -m "not gpu" tests/, in whatever time is left
+# Each stage runs under `timeout`, sized to what is left of the budget; a failing or hung
+# stage is recorded with its exit code (124 = timed out) and the next one runs.
+#
+# Everything lands in $OUT (default ./out): summary.txt (stages, exit codes, the throughput
+# tables), the throughput JSON and PNG files, the kernel benchmark's JSON, and logs.tgz with
+# every log, JSON, PNG, nvidia-smi and pip freeze. (Seven files at most, on purpose: the
+# device tool returns no more than 8.)
+#
+#   MOON3RT_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh   # the copy there has no .git
+#
+# Knobs (environment): BUDGET_S (360), DURATION (seconds per measurement, 2), MODEL
+# (moon3-2b), DTYPE (bf16), BATCH_SIZES (1,16,64), SKIP_BACKENDS (moon3rt backends too slow
+# to set up in the budget: onnxruntime exports a 2B model to fp32 ONNX first, tensorrt
+# builds an engine), PYTHON (python3), INSTALL=0 (skip the pip install), KEEP_RAW=1.
+# A dry run on a CPU machine:
+#   INSTALL=0 MODEL=moon3-tiny DTYPE=fp32 BATCH_SIZES=1,2 OUT=/tmp/gc bash bench/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-360}
+DURATION=${DURATION:-2}
+MODEL=${MODEL:-moon3-2b}
+DTYPE=${DTYPE:-bf16}
+BATCH_SIZES=${BATCH_SIZES:-1,16,64}
+SKIP_BACKENDS=${SKIP_BACKENDS:-onnxruntime,tensorrt}
+PY=${PYTHON:-python3}
+OUT=${OUT:-./out}
+RAW="$OUT/raw"
+mkdir -p "$RAW"
+SUMMARY="$OUT/summary.txt"
+export PYTHONUNBUFFERED=1
+: > "$SUMMARY"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left - 15 s), log to $RAW/NAME.log
+stage() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START) - 15))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 10 ]; then
+        note "$(printf '%-22s %6s %7s  %s' "$name" skip - "no time left in the ${BUDGET_S} s budget")"
+        return 0
+    fi
+    local t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" > "$RAW/$name.log" 2>&1
+    local rc=$?
+    local why=""
+    [ $rc -eq 124 ] && why="timed out after ${limit} s"
+    note "$(printf '%-22s %6s %6ss  %s' "$name" "rc=$rc" "$(($(date +%s) - t0))" "$why")"
+    return 0
+}
+
+note "moon3rt gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET_S} s"
+note "$(printf '%-22s %6s %7s  %s' stage exit time note)"
+
+if [ "${INSTALL:-1}" = 1 ]; then
+    stage install 90 $PY -m pip install --no-deps --no-build-isolation -e .
+fi
+stage nvidia-smi 20 nvidia-smi
+stage pip-freeze 30 $PY -m pip freeze
+stage versions 30 $PY -c "
+import torch, triton, transformers, moon3rt
+from moon3rt.backends import BACKENDS
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
+      'transformers', transformers.__version__, 'moon3rt', moon3rt.__version__)
+print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device',
+      torch.cuda.get_device_capability(0) if torch.cuda.is_available() else '')
+print('backends', ','.join(BACKENDS))"
+
+stage gpu-tests 75 $PY -m pytest -q -m gpu -p no:cacheprovider tests/
+
+if [ -f bench/bench_kernels.py ]; then
+    stage bench-kernels 45 $PY bench/bench_kernels.py --out-dir "$RAW"
+else
+    note "$(printf '%-22s %6s %7s  %s' bench-kernels skip - 'bench/bench_kernels.py does not exist')"
+fi
+
+BACKENDS=$($PY -c "
+from moon3rt.backends import BACKENDS
+skip = set('$SKIP_BACKENDS'.split(','))
+print(','.join(b for b in BACKENDS if b not in skip))" 2>/dev/null || echo torch)
+COMMON=(--model "$MODEL" --dtype "$DTYPE" --batch-sizes "$BATCH_SIZES" --duration "$DURATION" --warmup 0.5 --out-dir "$RAW")
+stage throughput 150 $PY bench/throughput.py "${COMMON[@]}" --backends "$BACKENDS,transformers"
+# torch.compile alone, its rows set beside the first run's (table, plot and goals in one report)
+MAIN_JSON=$(ls -t "$RAW"/throughput-*.json 2>/dev/null | head -1)
+stage throughput-compile 100 $PY bench/throughput.py "${COMMON[@]}" --backends torch.compile \
+    ${MAIN_JSON:+--include-results "$MAIN_JSON"}
+
+stage tests-not-gpu 300 $PY -m pytest -q -m "not gpu" -p no:cacheprovider tests/
+
+# ------------------------------------------------------------------- summary and packing
+for name in throughput throughput-compile; do
+    if [ -f "$RAW/$name.log" ]; then
+        { echo; echo "===== $name (stdout tables; progress lines dropped)"; grep -Ev '^\[throughput\]|^[WIEV][0-9]{4} ' "$RAW/$name.log" | tail -80; } >> "$SUMMARY"
+    fi
+done
+for name in gpu-tests tests-not-gpu bench-kernels; do
+    if [ -f "$RAW/$name.log" ]; then
+        { echo; echo "===== $name (last lines)"; tail -25 "$RAW/$name.log"; } >> "$SUMMARY"
+    fi
+done
+cp "$RAW"/throughput-*.json "$RAW"/throughput-*.png "$RAW"/kernels-*.json "$OUT"/ 2>/dev/null
+tar -czf "$OUT/logs.tgz" -C "$OUT" raw
+[ "${KEEP_RAW:-0}" = 1 ] || rm -rf "$RAW"
+echo "gpu_check done in $(($(date +%s) - START)) s; files in $OUT:"
+ls -la "$OUT"

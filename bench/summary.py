@@ -1,0 +1,90 @@
+"""What a person reads after a throughput run: the stdout report, and the issue's goals beside it."""
+
+from __future__ import annotations
+
+import reporting
+from runners import PEERS
+
+# The issue's goals, printed beside the results (never asserted): H100, bf16, batch 64.
+GOAL_BATCH, GOAL_ITEMS_PER_S, GOAL_VS_TRANSFORMERS, GOAL_VS_COMPILE, GOAL_SINGLE_P50_MS = 64, 240, 2.0, 1.2, 10.0
+
+
+def goals(report: dict) -> list[dict]:
+    """The issue's targets (H100, bf16, batch 64) beside what this run measured."""
+    rows = {(r["backend"], r["batch_size"]): r["items_per_s"] for r in report["results"]}
+    ours = [r for r in report["results"] if r["backend"] not in PEERS and r["batch_size"] == GOAL_BATCH]
+    target = "triton" if any(r["backend"] == "triton" for r in ours) else (
+        max(ours, key=lambda r: r["items_per_s"])["backend"] if ours else None)
+    value = rows.get((target, GOAL_BATCH))
+
+    def ratio(peer):
+        base = rows.get((peer, GOAL_BATCH))
+        return value / base if value is not None and base else None
+
+    single = report["single_item"].get(target, {}).get("p50_ms") if target else None
+    out = []
+    for goal, measured, wanted, higher in (
+        (f"items/s at batch {GOAL_BATCH}", value, GOAL_ITEMS_PER_S, True),
+        (f"x transformers at batch {GOAL_BATCH}", ratio("transformers"), GOAL_VS_TRANSFORMERS, True),
+        (f"x torch.compile at batch {GOAL_BATCH}", ratio("torch.compile"), GOAL_VS_COMPILE, True),
+        ("single-item p50 ms", single, GOAL_SINGLE_P50_MS, False),
+    ):
+        met = None if measured is None else (measured >= wanted if higher else measured < wanted)
+        out.append({"goal": goal, "target": (">= " if higher else "< ") + f"{wanted:g}", "backend": target,
+                    "measured": measured, "met": met})
+    return out
+
+
+def print_report(report: dict) -> None:
+    env, cfg, wl, fl = report["environment"], report["config"], report["workload"], report["flops"]
+    print(f"moon3rt throughput  {report['timestamp']}  commit {env['git_commit']}")
+    print(f"device {env['device_name']} ({env['device']}), driver {env['driver'] or '-'}, CUDA {env['cuda'] or '-'}, "
+          f"torch {env['torch']}, triton {env['triton'] or '-'}, transformers {env['transformers'] or '-'}, "
+          f"{env['torch_threads']} torch threads / {env['cpu_count']} CPUs, load average {env['load_average']}")
+    print(f"model {cfg['model']} {cfg['dtype']}; item = {cfg['image_size']}x{cfg['image_size']} image "
+          f"({wl['patches_per_item']:.0f} patches, {wl['merged_image_tokens_per_item']:.0f} merged tokens) + "
+          f"{wl['title_tokens_per_item']:.1f} title tokens = {wl['decoder_tokens_per_item']:.1f} decoder tokens; "
+          f"{fl['per_item'] / 1e9:.3f} GFLOP/item")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    c = report["ceiling"]
+    print(f"roofline: {c['dtype']} matmul {c['shape'][0]}^3 measured at {c['tflops']:.3f} TFLOP/s")
+    ref = fl["reference_2b"]
+    print(f"FLOP count check, moon3-2b reference item (1024 patches, {ref['decoder_tokens']} decoder tokens): "
+          f"{ref['tflop']:.3f} TFLOP, {100 * ref['vision_share']:.1f}% vision tower + merger "
+          f"(DESIGN.md: ~{ref['design_md_tflop']} TFLOP, 65%; difference {100 * ref['relative_difference']:+.1f}%)")
+    print()
+    for chk in report["checks"]:
+        print(f"check {chk['backend']:<14} min cosine {chk['min_cosine']:.6f} vs {chk['against']} "
+              f"(> {chk['threshold']}): {'ok' if chk['passed'] else 'FAILED, not timed'}")
+    for s in report["skipped"]:
+        print(f"skipped {s['backend']}{' batch ' + str(s['batch_size']) if 'batch_size' in s else ''}: {s['reason']}")
+    print()
+    print("model part (preprocessed, packed batches; host-to-device copy included):")
+    print(reporting.results_table(report["results"]))
+    mem = {r["memory_kind"] for r in report["results"]}
+    print(f"(peak memory: {', '.join(sorted(mem))}; +MiB = peak minus memory in use when the measurement "
+          "started; transformers computes the backbone only: no FIRE, MHMF or projection)")
+    print()
+    rows = [[name + ("*" if v.get("source") else ""), f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}", str(v["calls"])]
+            for name, v in report["single_item"].items()]
+    print(reporting.table(["single item", "p50 ms", "p99 ms", "calls"], rows))
+    print()
+    rows = [[r["backend"], str(r["batch_size"]), str(r["items"]), f"{r['items_per_s']:.1f}", str(r["num_workers"])]
+            for r in report["end_to_end"]]
+    print(reporting.table(["encode() end to end", "batch", "items", "items/s", "workers"], rows))
+    print()
+    rows = [[fmt.upper(), f"{v['image_size']}x{v['image_size']}", f"{v['mean_file_bytes'] / 1024:.1f}",
+             f"{v['images_per_s_per_core']:.1f}"] for fmt, v in report["preprocess"].items()]
+    print(reporting.table(["preprocess (decode+resize+patchify+tokenise)", "size", "KiB", "images/s/core"], rows))
+    print()
+    applies = "H100" in env["device_name"] and cfg["dtype"] == "bfloat16"
+    setting = "" if applies else "; this run is not that setting: informational"
+    print(f"goals (issue; H100 bf16 batch {GOAL_BATCH}{setting}):")
+    rows = [[g["goal"], g["target"], g["backend"] or "-", "-" if g["measured"] is None else f"{g['measured']:.2f}",
+             {True: "met", False: "not met", None: "n/a"}[g["met"]]] for g in report["goals"]]
+    print(reporting.table(["goal", "target", "backend", "measured", "status"], rows))
+    print()
+    for kind, path in report["files"].items():
+        if kind != "png_tool":
+            print(f"{kind}: {path}")
