@@ -102,7 +102,7 @@ def build_cases(cfg: Moon3Config, items: int, device: torch.device, dtype: torch
     img_tokens, text_tokens, title_tokens = (256, 70, 32) if big else (16, 36, 8)  # per item
     per_item_tokens, per_item_patches = img_tokens + text_tokens, 4 * img_tokens
     T, P = items * per_item_tokens, items * per_item_patches
-    d, dv, I = t.hidden_size, v.embed_dim, t.intermediate_size
+    d, dv, inter = t.hidden_size, v.embed_dim, t.intermediate_size
     hq, hk, hd = t.num_attention_heads, t.num_key_value_heads, t.head_dim
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dt)  # noqa: E731
@@ -131,9 +131,9 @@ def build_cases(cfg: Moon3Config, items: int, device: torch.device, dtype: torch
     cases.append(Case("vision_rope(q,k)", f"({P}, {v.num_heads}, {v.head_dim}) x2",
                       lambda: apply_vision_rope_(vq, vk, vpos, vinv), lambda: apply_vision_rope_ref(vq, vk, vpos, vinv),
                       2 * 2 * P * dv * es, 0))
-    gu = rnd(T, 2 * I)
-    cases.append(Case("swiglu", f"({T}, 2x{I})", lambda: swiglu_packed(gu), lambda: swiglu_packed_ref(gu),
-                      3 * T * I * es, 0))
+    gu = rnd(T, 2 * inter)
+    cases.append(Case("swiglu", f"({T}, 2x{inter})", lambda: swiglu_packed(gu), lambda: swiglu_packed_ref(gu),
+                      3 * T * inter * es, 0))
     fc1, b1 = rnd(P, v.mlp_dim), rnd(v.mlp_dim)
     cases.append(Case("bias+quick_gelu", f"({P}, {v.mlp_dim})", lambda: bias_quick_gelu(fc1, b1),
                       lambda: bias_quick_gelu_ref(fc1, b1), 2 * P * v.mlp_dim * es, 0))

@@ -1,16 +1,9 @@
 """FIRE kernels vs their plain-torch references (kernels/fire.py)."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-
-from moon3rt.kernels.fire import fire_inject_, fire_inject_ref, fire_prologue, fire_prologue_ref  # noqa: E402
-from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes  # noqa: E402
+from moon3rt.kernels.fire import fire_inject_, fire_inject_ref, fire_prologue, fire_prologue_ref
+from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes
 
 DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()

@@ -1,18 +1,11 @@
 """LayerNorm (+ optional residual add) vs its reference and torch's layer_norm (kernels/layer_norm.py)."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from moon3rt.kernels import layer_norm as layer_norm_module  # noqa: E402
-from moon3rt.kernels.layer_norm import layer_norm, layer_norm_ref  # noqa: E402
-from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes  # noqa: E402
+import torch.nn.functional as F
+from moon3rt.kernels import layer_norm as layer_norm_module
+from moon3rt.kernels.layer_norm import layer_norm, layer_norm_ref
+from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes
 
 DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()

@@ -1,16 +1,9 @@
 """Bias + QuickGELU vs its reference and the vision MLP's formula (kernels/quick_gelu.py)."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-
-from moon3rt.kernels.quick_gelu import bias_quick_gelu, bias_quick_gelu_ref  # noqa: E402
-from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes  # noqa: E402
+from moon3rt.kernels.quick_gelu import bias_quick_gelu, bias_quick_gelu_ref
+from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes
 
 DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()

@@ -1,18 +1,12 @@
 """Fused residual-add + RMSNorm vs its reference and moon3rt.model.RMSNorm (kernels/rms_norm.py)."""
 
-import os
-
+import pytest
 import torch
+from moon3rt.kernels import rms_norm as rms_norm_module
+from moon3rt.kernels.rms_norm import rms_norm, rms_norm_ref
+from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-
-from moon3rt.kernels import rms_norm as rms_norm_module  # noqa: E402
-from moon3rt.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
-from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes  # noqa: E402
-from moon3rt.model import RMSNorm  # noqa: E402
+from moon3rt.model import RMSNorm
 
 DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()

@@ -1,16 +1,8 @@
 """Rotary embedding kernels vs the reference model's formulas (kernels/rope.py)."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-
-from moon3rt.config import TextConfig, VisionConfig  # noqa: E402
-from moon3rt.kernels.rope import (  # noqa: E402
+from moon3rt.kernels.rope import (
     apply_mrope_,
     apply_mrope_ref,
     apply_rope_,
@@ -18,10 +10,11 @@ from moon3rt.kernels.rope import (  # noqa: E402
     apply_vision_rope_ref,
     mrope_cos_sin_ref,
     rope_ref,
-    vision_cos_sin_ref,
 )
-from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes  # noqa: E402
-from moon3rt.model import LanguageModel, VisionTower, rotate_half, vision_positions  # noqa: E402
+from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes
+
+from moon3rt.config import TextConfig, VisionConfig
+from moon3rt.model import LanguageModel, VisionTower, rotate_half, vision_positions
 
 DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()

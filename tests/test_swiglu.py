@@ -1,16 +1,9 @@
 """SwiGLU vs its reference, the decoder MLP's activation (kernels/swiglu.py)."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-
-from moon3rt.kernels.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref  # noqa: E402
-from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes  # noqa: E402
+from moon3rt.kernels.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
+from moon3rt.kernels.testing import assert_close, interpreter_or_cuda, kernel_dtypes
 
 DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()

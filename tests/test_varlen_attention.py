@@ -1,21 +1,14 @@
 """Varlen flash attention vs per-segment SDPA, the reference model's loop (kernels/varlen_attention.py)."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-
-from moon3rt.kernels.testing import (  # noqa: E402
+from moon3rt.kernels.testing import (
     assert_close,
     assert_within_baseline,
     interpreter_or_cuda,
     kernel_dtypes,
 )
-from moon3rt.kernels.varlen_attention import varlen_attention, varlen_attention_ref  # noqa: E402
+from moon3rt.kernels.varlen_attention import varlen_attention, varlen_attention_ref
 
 DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()
