@@ -5,15 +5,14 @@ from __future__ import annotations
 import io
 import json
 import re
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from crafted import png_header_only
 from PIL import Image, ImageDraw
 
 import moon3rt
@@ -29,18 +28,6 @@ def encoded(array: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt)
     return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims width x height RGB but holds almost no data (as in test_images.py)."""
-
-    def chunk(kind, body):
-        crc = struct.pack(">I", zlib.crc32(kind + body))
-        return struct.pack(">I", len(body)) + kind + body + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    idat = zlib.compress(b"\0" * 4)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 GOOD = ["red cotton t-shirt", {"text": "navy tee", "image": rgb(90, 120, seed=1)}, rgb(57, 61, seed=2)]

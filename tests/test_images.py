@@ -7,14 +7,13 @@ import inspect
 import io
 import math
 import os
-import struct
 import subprocess
 import sys
 import time
-import zlib
 
 import numpy as np
 import pytest
+from crafted import png_header_only
 from PIL import Image
 
 from moon3rt import images
@@ -33,6 +32,8 @@ from moon3rt.images import (
 try:  # transformers >= 5 with the PIL backend as its own class
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil as ReferenceProcessor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         smart_resize as ref_smart_resize,
     )
 except ImportError:  # the older layout; if this is missing too, collection fails loudly
@@ -42,6 +43,7 @@ except ImportError:  # the older layout; if this is missing too, collection fail
     )
 
 from transformers.image_transforms import convert_to_rgb as ref_convert_to_rgb
+
 
 def random_pixels(*shape):
     """Noise seeded by its shape, so each test sees the same image however it is run."""
@@ -331,18 +333,6 @@ def test_truncated_file(fmt, tmp_path):
     for source in (data[: len(data) // 2], path, lazy):
         with pytest.raises(ImageError, match="truncated"):
             load_image(source)
-
-
-def png_header_only(width, height):
-    """A PNG that claims width x height RGB but holds almost no data."""
-
-    def chunk(kind, body):
-        crc = struct.pack(">I", zlib.crc32(kind + body))
-        return struct.pack(">I", len(body)) + kind + body + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    idat = zlib.compress(b"\0" * 4)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_refused_from_header():

@@ -7,26 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
-tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import Tokenizer  # noqa: E402
+from moon3rt.config import TINY_SPECIAL_IDS
 
 ASSETS = Path(__file__).resolve().parents[1] / "moon3rt" / "assets"
 TOKENIZER_JSON = ASSETS / "moon3-tiny" / "tokenizer.json"
 CATALOGUE = ASSETS / "catalogue"
 
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<emb>",
-    "<think>",
-    "</think>",
-]
+SPECIALS = list(TINY_SPECIAL_IDS)  # the ids the presets are built on
 
 
 def _load_script(name: str):
