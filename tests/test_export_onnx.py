@@ -5,18 +5,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from moon3rt.export.export_onnx import ExportError, export_onnx, fp32_model, main  # noqa: E402
+from moon3rt.export.onnx_model import OUTPUT, export_inputs  # noqa: E402
 from PIL import Image
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 import moon3rt  # noqa: E402
 from moon3rt.batching import pack  # noqa: E402
 from moon3rt.config import Moon3Config  # noqa: E402
-from moon3rt.export.export_onnx import ExportError, export_onnx, fp32_model, main  # noqa: E402
-from moon3rt.export.onnx_model import OUTPUT, export_inputs  # noqa: E402
 from moon3rt.images import preprocess_image  # noqa: E402
 from moon3rt.model import Moon3Model, random_model  # noqa: E402
 from moon3rt.prompt import PromptBuilder, load_tokenizer  # noqa: E402
@@ -173,7 +172,6 @@ def test_bf16_model_exports_in_fp32(builder, tmp_path):
 
 
 def test_dynamo_exporter_gives_the_same_graph_inputs_and_results(model, builder, tmp_path, exported):
-    pytest.importorskip("onnxscript")
     path = export_onnx(model, tmp_path / "dynamo.onnx", opset=18, dynamo=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     reference = ort.InferenceSession(str(exported[0]), providers=["CPUExecutionProvider"])
