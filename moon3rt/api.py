@@ -24,7 +24,7 @@ from .config import PRESETS, Moon3Config
 from .images import CLIP_MEAN, CLIP_STD, ImageError, gme_pre_resize, load_image, preprocess_image
 from .items import ItemError, to_item
 from .model import Moon3Model, random_model
-from .prompt import PreparedItem, PromptBuilder, TextTooLongError, load_tokenizer
+from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, load_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER = ASSETS / "moon3-tiny" / "tokenizer.json"
@@ -48,10 +48,15 @@ class EncodeError(ValueError):
 
 @dataclass
 class EncodeResult:
-    """Embeddings (n, dim) float32 in input order; a failed item's row is NaN."""
+    """Embeddings (n, dim) float32 in input order; a failed item's row is NaN.
+
+    `reasoning`: in reasoning mode, the text each item generated before ``<emb>`` (None for
+    a failed item); None in direct mode.
+    """
 
     embeddings: np.ndarray
     failures: list[ItemError] = field(default_factory=list)
+    reasoning: list[str | None] | None = None
 
     @property
     def ok(self) -> np.ndarray:
@@ -82,28 +87,39 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class Encoder:
-    """A loaded model plus its preprocessing; `encode` is safe to call from several threads."""
+    """A loaded model plus its preprocessing; `encode` is safe to call from several threads.
+
+    `reasoning`: whether `encode` reasons before it embeds by default (None: the
+    checkpoint's ``moon3.reasoning.enabled``).
+    """
 
     def __init__(self, model: Moon3Model, tokenizer, device: torch.device, dtype: torch.dtype,
-                 backend: str = "torch", name: str = "", image_mean=CLIP_MEAN, image_std=CLIP_STD):
+                 backend: str = "torch", name: str = "", image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                 reasoning: bool | None = None):
         self.model = model
         self.config: Moon3Config = model.cfg
         self.device, self.dtype, self.name = device, dtype, name
         self.prompt = PromptBuilder(self.config, tokenizer)
         self.backend = create_backend(backend, model, device)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.reasoning = self.config.reasoning.enabled if reasoning is None else bool(reasoning)
+        self._decoder = None
 
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, backend={self.backend.name!r}, device={str(self.device)!r}, "
-                f"dtype={self.dtype}, dim={self.config.output_dim}, flavour={self.config.flavour!r})")
+                f"dtype={self.dtype}, dim={self.config.output_dim}, flavour={self.config.flavour!r}, "
+                f"reasoning={self.reasoning})")
 
     @property
     def dim(self) -> int:
         return self.config.output_dim
 
     # ------------------------------------------------------------------ preprocessing
-    def prepare(self, obj: Any, index: int = 0, truncate: bool = True) -> PreparedItem:
-        """Validate, decode, resize, patchify and tokenise one item (raises `ItemError`)."""
+    def prepare(self, obj: Any, index: int = 0, truncate: bool = True, reasoning: bool = False) -> PreparedItem:
+        """Validate, decode, resize, patchify and tokenise one item (raises `ItemError`).
+
+        reasoning: build reasoning mode's prompt (the prefix generation continues).
+        """
         item = to_item(obj, index)
         cfg, v = self.config, self.config.vision
         images = []
@@ -122,7 +138,7 @@ class Encoder:
                 where = f"image {j}: " if len(item.images) > 1 else "image: "
                 raise ItemError(index, where + str(err)) from None
         try:
-            prepared = self.prompt.build(item.text, images, truncate=truncate)
+            prepared = self.prompt.build(item.text, images, truncate=truncate, reasoning=reasoning)
         except TextTooLongError as err:
             raise ItemError(index, str(err)) from None
         if prepared.truncated:
@@ -132,26 +148,41 @@ class Encoder:
     # ------------------------------------------------------------------------ encode
     def encode(self, items: Iterable[Any], batch_size: int = 64, max_batch_tokens: int = 16384,
                dim: int | None = None, normalize: bool = True, show_progress: bool = False,
-               on_error: str = "raise", truncate: bool = True, num_workers: int | None = None) -> np.ndarray:
+               on_error: str = "raise", truncate: bool = True, num_workers: int | None = None, *,
+               reasoning: bool | None = None, max_reasoning_tokens: int | None = None,
+               return_reasoning: bool = False) -> np.ndarray | tuple[np.ndarray, list[str | None]]:
         """Embed items; returns a float32 array (n, dim) in input order.
 
         items: str (text), image (pathlib.Path, bytes, PIL image, HxWx3 uint8 array), a dict
         with ``text`` and ``image``/``images``, or `moon3rt.Item`. Batches hold at most
-        `batch_size` items and `max_batch_tokens` decoder tokens plus vision patches.
+        `batch_size` items and `max_batch_tokens` decoder tokens plus vision patches (plus,
+        in reasoning mode, each item's room to reason).
         on_error: "raise" raises `EncodeError` naming every bad item; "skip" embeds the rest,
         leaves NaN rows for the failures and warns (use `encode_with_report` to get them).
+        reasoning: generate the product's attributes before ``<emb>`` (default: the
+        encoder's, from the checkpoint's ``moon3.reasoning.enabled``); greedy decoding stops
+        at the end marker, end of text or `max_reasoning_tokens` (default
+        ``moon3.reasoning.max_tokens``). return_reasoning: return ``(embeddings, texts)``,
+        the generated text per item (None for a failed item).
         """
+        if return_reasoning and not (self.reasoning if reasoning is None else reasoning):
+            raise ValueError("return_reasoning=True needs reasoning mode: pass reasoning=True")
         result = self.encode_with_report(items, batch_size, max_batch_tokens, dim, normalize,
-                                         show_progress, on_error, truncate, num_workers)
+                                         show_progress, on_error, truncate, num_workers,
+                                         reasoning=reasoning, max_reasoning_tokens=max_reasoning_tokens)
         if result.failures:
             warnings.warn(f"{len(result.failures)} item(s) skipped: "
                           + "; ".join(str(f) for f in result.failures[:5]), stacklevel=2)
-        return result.embeddings
+        return (result.embeddings, result.reasoning) if return_reasoning else result.embeddings
 
     def encode_with_report(self, items: Iterable[Any], batch_size: int = 64, max_batch_tokens: int = 16384,
                            dim: int | None = None, normalize: bool = True, show_progress: bool = False,
                            on_error: str = "skip", truncate: bool = True,
-                           num_workers: int | None = None) -> EncodeResult:
+                           num_workers: int | None = None, *, reasoning: bool | None = None,
+                           max_reasoning_tokens: int | None = None) -> EncodeResult:
+        """`encode`, returning the embeddings with the failures (and reasoning texts) instead of warning."""
+        reasoning = self.reasoning if reasoning is None else bool(reasoning)
+        plan = self.reasoning_plan(max_reasoning_tokens) if reasoning else None
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if dim is not None and not 0 < dim <= self.dim:
@@ -162,6 +193,8 @@ class Encoder:
             raise TypeError("encode() takes a list of items; wrap a single item in a list")
         items = list(items)
         out = np.full((len(items), dim or self.dim), np.nan, dtype=np.float32)
+        texts: list[str | None] | None = [None] * len(items) if plan is not None else None
+        room = plan.max_tokens + len(plan.close_ids) if plan is not None else 0  # cache slots to reason in
         failures: dict[int, ItemError] = {}
         workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
         window = max(4 * batch_size, 64)  # items prepared ahead of the model, bounding host memory
@@ -169,35 +202,71 @@ class Encoder:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for lo in range(0, len(items), window):
                 indices = range(lo, min(lo + window, len(items)))
-                prepared = dict(zip(indices, pool.map(lambda i: self._try_prepare(items[i], i, truncate), indices)))
+                prepared = dict(zip(indices, pool.map(
+                    lambda i: self._try_prepare(items[i], i, truncate, plan is not None), indices)))
                 bad = [p for p in prepared.values() if isinstance(p, ItemError)]
                 failures.update((p.index, p) for p in bad)
                 bar.update(len(bad))
                 if failures and on_error == "raise":
                     continue  # keep validating, so the error names every bad item, but embed nothing
                 good = [i for i in indices if not isinstance(prepared[i], ItemError)]
-                for group in plan_batches([prepared[i].cost for i in good], max_batch_tokens, batch_size):
+                for group in plan_batches([prepared[i].cost + room for i in good], max_batch_tokens, batch_size):
                     batch_indices = [good[g] for g in group]
-                    self._run(batch_indices, prepared, out, failures, dim, normalize, on_error)
+                    self._run(batch_indices, prepared, out, failures, dim, normalize, on_error, plan, texts)
                     bar.update(len(batch_indices))
         bar.close()
         if failures and on_error == "raise":
             raise EncodeError(sorted(failures.values(), key=lambda f: f.index))
-        return EncodeResult(out, sorted(failures.values(), key=lambda f: f.index))
+        return EncodeResult(out, sorted(failures.values(), key=lambda f: f.index), texts)
 
-    def _try_prepare(self, obj: Any, index: int, truncate: bool) -> PreparedItem | ItemError:
+    def reasoning_plan(self, max_tokens: int | None = None) -> ReasoningPlan:
+        """Reasoning mode's token rules with a budget of `max_tokens` (default: the config's).
+
+        Raises ValueError naming every reason this model cannot reason (no <emb> pooling, an
+        end marker the tokenizer lacks, untied embeddings without ``lm_head.weight``, a
+        backend without a decode path).
+        """
+        from .generate import decoder_for  # imported on first use: direct mode never needs it
+
+        problems = self.prompt.reasoning_problems()
+        if self.model.output_embeddings() is None:
+            problems.append("the checkpoint has untied word embeddings (tie_word_embeddings false) but no "
+                            "lm_head.weight, so it has no logits to generate with")
+        if self._decoder is None:
+            try:
+                self._decoder = decoder_for(self.backend)
+            except ValueError as err:
+                problems.append(str(err))
+        if problems:
+            raise ValueError("this model cannot run reasoning mode: " + "; ".join(problems))
+        plan = self.prompt.reasoning_plan()
+        return plan if max_tokens is None else plan.with_budget(max_tokens)
+
+    def _try_prepare(self, obj: Any, index: int, truncate: bool, reasoning: bool = False) -> PreparedItem | ItemError:
         try:
-            return self.prepare(obj, index, truncate)
+            return self.prepare(obj, index, truncate, reasoning)
         except ItemError as err:
             return err
 
-    def _run(self, indices, prepared, out, failures, dim, normalize, on_error) -> None:
+    def _embed_batch(self, indices, prepared, plan, texts) -> torch.Tensor:
+        batch = pack([prepared[i] for i in indices], self.config.vision.spatial_merge_size)
+        if plan is None:
+            return self.backend.embed(batch)
+        from .generate import generate
+
+        result = generate(self._decoder, batch, plan, self.model.output_embeddings())
+        decode = self.prompt.tokenizer.decode
+        for i, tokens in zip(indices, result.tokens):
+            texts[i] = decode(tokens, skip_special_tokens=True)
+        return result.vectors
+
+    def _run(self, indices, prepared, out, failures, dim, normalize, on_error, plan=None, texts=None) -> None:
         try:
-            y = self.backend.embed(pack([prepared[i] for i in indices], self.config.vision.spatial_merge_size))
+            y = self._embed_batch(indices, prepared, plan, texts)
         except (RuntimeError, ValueError) as err:
             if len(indices) > 1:  # find the culprit without costing the other items their results
                 for i in indices:
-                    self._run([i], prepared, out, failures, dim, normalize, on_error)
+                    self._run([i], prepared, out, failures, dim, normalize, on_error, plan, texts)
                 return
             failure = ItemError(indices[0], f"model failed: {err}")
             if on_error == "raise":
@@ -231,11 +300,14 @@ def _preprocessor_overrides(directory: Path, cfg: Moon3Config, raw: dict) -> tup
 
 def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, backend: str = "torch", flavour: str | None = None,
-         seed: int = 0) -> Encoder:
+         seed: int = 0, reasoning: bool | None = None) -> Encoder:
     """Load a preset (random weights, see `Moon3Config.from_name`) or a checkpoint directory.
 
     device: default CUDA when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
     flavour: override the checkpoint's detected recipe ("moon3", "gme", "qwen2-vl").
+    reasoning: whether `encode` reasons before it embeds by default (None: the checkpoint's
+    ``moon3.reasoning.enabled``, false when absent). A model that cannot reason still loads;
+    `encode(reasoning=True)` says why it cannot.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -246,7 +318,7 @@ def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | N
             cfg.flavour = flavour
             cfg.validate()
         net = random_model(cfg, seed=seed, device=device, dtype=dtype)
-        return Encoder(net, load_tokenizer(TINY_TOKENIZER), device, dtype, backend, name)
+        return Encoder(net, load_tokenizer(TINY_TOKENIZER), device, dtype, backend, name, reasoning=reasoning)
     directory = Path(name)
     if not directory.is_dir():
         raise ValueError(f"model {name!r} is neither a preset ({sorted(PRESETS)}) nor a checkpoint directory")
@@ -256,7 +328,8 @@ def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | N
     raw = json.loads((directory / "config.json").read_text())
     mean, std = _preprocessor_overrides(directory, net.cfg, raw)
     net.cfg.validate()
-    return Encoder(net, load_tokenizer(directory / "tokenizer.json"), device, dtype, backend, name, mean, std)
+    return Encoder(net, load_tokenizer(directory / "tokenizer.json"), device, dtype, backend, name, mean, std,
+                   reasoning=reasoning)
 
 
 _CACHE: dict[tuple, Encoder] = {}

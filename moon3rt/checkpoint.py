@@ -7,9 +7,12 @@ Names are mapped to ours by prefix, so all of these load:
 - bare ``visual.*`` / ``language_model.*`` (a saved `Qwen2VLModel`);
 - MOON3 heads: ``moon3.fire.*``, ``moon3.fusion.*``, ``moon3.projection.*``.
 
-``lm_head.weight`` is not needed for embedding and is skipped. Everything else must match
-the model built from config.json exactly: missing, unexpected and mis-shaped tensors are
-reported together, at load time, in one `CheckpointError`.
+``lm_head.weight`` is optional: direct-mode embedding needs no logits. With tied embeddings
+(``tie_word_embeddings``, e.g. Qwen2-VL-2B) it is a copy of the input embeddings and is
+skipped; with untied ones it is loaded as ``Moon3Model.lm_head`` when present, for reasoning
+mode. Everything else must match the model built from config.json exactly: missing,
+unexpected and mis-shaped tensors are reported together, at load time, in one
+`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .model import Moon3Model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-IGNORED = ("lm_head.weight",)
+LM_HEAD = "lm_head.weight"
 
 
 class CheckpointError(ValueError):
@@ -80,8 +83,6 @@ def read_state_dict(
     for file in tensor_files(directory):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name in IGNORED:
-                    continue
                 ours = canonical_name(name)
                 if ours in source:  # two layouts in one checkpoint: which one is meant is unknowable
                     duplicates.append(f"{source[ours]} and {name}")
@@ -126,9 +127,11 @@ def load_model(
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json (is this a checkpoint directory?)")
     cfg = Moon3Config.from_json_file(directory / "config.json", flavour=flavour)
-    with torch.device("meta"):
-        model = Moon3Model(cfg)
     state = read_state_dict(directory, dtype=dtype, device=device)
+    if cfg.text.tie_word_embeddings:
+        state.pop(LM_HEAD, None)  # tied: the LM head is embed_tokens.weight
+    with torch.device("meta"):
+        model = Moon3Model(cfg, lm_head=LM_HEAD in state)
     check_state_dict(model, state, str(directory))
     model.load_state_dict(state, assign=True)
     return model.eval()

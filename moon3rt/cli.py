@@ -76,6 +76,7 @@ def cmd_encode(args) -> int:
     result = encoder.encode_with_report(
         items, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, dim=args.dim,
         show_progress=not args.no_progress, on_error="raise" if args.strict else "skip",
+        reasoning=args.reasoning, max_reasoning_tokens=args.max_reasoning_tokens,
     )
     seconds = time.perf_counter() - start
     for failure in result.failures:
@@ -83,6 +84,10 @@ def cmd_encode(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, result.embeddings)
+        if result.reasoning is not None:  # the texts go beside the vectors, one JSON line per row
+            with open(out.with_suffix(".reasoning.jsonl"), "w", encoding="utf-8") as f:
+                for id_, text in zip(ids, result.reasoning):
+                    f.write(json.dumps({"id": id_, "reasoning": text}, ensure_ascii=False) + "\n")
     else:
         _write_parquet(out, ids, result)
     n = len(items)
@@ -99,12 +104,14 @@ def _write_parquet(path: Path, ids: list, result) -> None:
         raise SystemExit("error: .parquet output needs pyarrow: pip install 'moon3rt[parquet]'") from None
     errors = {f.index: f.reason for f in result.failures}
     rows = [None if i in errors else row.tolist() for i, row in enumerate(result.embeddings)]
-    table = pa.table({
+    columns = {
         "id": [str(i) for i in ids],
         "embedding": pa.array(rows, type=pa.list_(pa.float32())),
         "error": [errors.get(i) for i in range(len(ids))],
-    })
-    pq.write_table(table, path)
+    }
+    if result.reasoning is not None:
+        columns["reasoning"] = pa.array(result.reasoning, type=pa.string())
+    pq.write_table(pa.table(columns), path)
 
 
 def cmd_info(args) -> int:
@@ -133,6 +140,12 @@ def cmd_info(args) -> int:
     print(f"output dim:  {cfg.output_dim}" + (f" (Matryoshka: {dims})" if dims else ""))
     print(f"images:      {cfg.min_pixels}..{cfg.max_pixels} pixels after resize; titles up to "
           f"{cfg.max_text_tokens} tokens")
+    try:
+        plan = encoder.reasoning_plan()
+        print(f"reasoning:   {'on' if encoder.reasoning else 'off'} by default; up to {plan.max_tokens} tokens, "
+              f"ends at {cfg.reasoning.end_marker!r}")
+    except ValueError as err:
+        print(f"reasoning:   unavailable ({err})")
     return 0
 
 
@@ -185,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--max-batch-tokens", type=int, default=16384)
     enc.add_argument("--dim", type=int, default=None, help="Matryoshka truncation (default: full)")
     enc.add_argument("--strict", action="store_true", help="stop at the first bad item instead of skipping")
+    enc.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=None,
+                     help="generate the product's attributes before embedding (default: the checkpoint's "
+                     "moon3.reasoning.enabled); the texts go to a .reasoning.jsonl sidecar beside a .npy "
+                     "or a 'reasoning' column of a .parquet")
+    enc.add_argument("--max-reasoning-tokens", type=int, default=None,
+                     help="reasoning budget per item (default: the checkpoint's moon3.reasoning.max_tokens)")
     enc.add_argument("--no-progress", action="store_true")
     enc.set_defaults(func=cmd_encode)
 

@@ -40,6 +40,8 @@ TINY_SPECIAL_IDS = {
 }
 
 DEFAULT_INSTRUCTION = "You are a helpful assistant."
+# The request reasoning mode appends to the user turn, after the title (DESIGN.md, "Reasoning mode").
+DEFAULT_REASONING_PROMPT = "\nDescribe the product's category, colour, material and design details."
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,23 @@ class FusionConfig:
 
 
 @dataclass
+class ReasoningConfig:
+    """``moon3.reasoning``: how the model writes its attributes before ``<emb>``.
+
+    Prompt (docs/MODEL.md, "Reasoning mode"): the user turn holds the images, the title and
+    then `prompt`; the assistant turn opens with ``{start_marker}\\n``; greedy decoding
+    runs until `end_marker`, an end-of-text token or `max_tokens` generated tokens; then
+    ``{end_marker}\\n<emb>`` closes the sequence and ``<emb>`` is pooled.
+    """
+
+    enabled: bool = False  # the default of `moon3rt.load(..., reasoning=None)`
+    prompt: str = DEFAULT_REASONING_PROMPT
+    start_marker: str = "<think>"
+    end_marker: str = "</think>"
+    max_tokens: int = 64
+
+
+@dataclass
 class Moon3HeadConfig:
     """The ``moon3`` block of config.json (DESIGN.md section 1)."""
 
@@ -116,6 +135,7 @@ class Moon3HeadConfig:
     projection_dim: int | None = 256
     matryoshka_dims: list[int] = field(default_factory=lambda: [256, 128, 64])
     instruction: str = DEFAULT_INSTRUCTION
+    reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
 
 
 @dataclass
@@ -142,6 +162,27 @@ class Moon3Config:
         if self.moon3 is not None:
             return self.moon3.pooling
         return "last"
+
+    @property
+    def reasoning(self) -> ReasoningConfig:
+        """``moon3.reasoning``, or the defaults (disabled) for a checkpoint without a moon3 block."""
+        if self.moon3 is not None:
+            return self.moon3.reasoning
+        return ReasoningConfig()
+
+    def reasoning_problems(self) -> list[str]:
+        """Why this config cannot run reasoning mode (empty when it can, as far as the config tells)."""
+        m = self.moon3
+        if m is None:
+            return ["reasoning mode needs a MOON3 checkpoint (a `moon3` block in config.json with "
+                    "embed_token_id and pooling 'emb_token'); this one has no moon3 block"]
+        problems = []
+        if m.embed_token_id is None:
+            problems.append("reasoning mode appends <emb> and pools its state, but moon3.embed_token_id is not set")
+        if m.pooling != "emb_token":
+            problems.append(f"reasoning mode pools at <emb> and needs moon3.pooling='emb_token', "
+                            f"this checkpoint has pooling={m.pooling!r}")
+        return problems
 
     @property
     def output_dim(self) -> int:
@@ -214,6 +255,16 @@ class Moon3Config:
                     problems.append(f"moon3.fire.rank must be positive, got {m.fire.rank}")
             if m.fusion is not None and (m.fusion.num_heads <= 0 or m.fusion.head_dim <= 0):
                 problems.append(f"moon3.fusion needs positive num_heads and head_dim, got {m.fusion}")
+            r = m.reasoning
+            if not isinstance(r.max_tokens, int) or isinstance(r.max_tokens, bool) or r.max_tokens < 0:
+                problems.append(f"moon3.reasoning.max_tokens must be an integer >= 0, got {r.max_tokens!r}")
+            if not isinstance(r.end_marker, str) or not r.end_marker:
+                problems.append(f"moon3.reasoning.end_marker must be a non-empty string, got {r.end_marker!r}")
+            for key in ("prompt", "start_marker"):
+                if not isinstance(getattr(r, key), str):
+                    problems.append(f"moon3.reasoning.{key} must be a string, got {getattr(r, key)!r}")
+            if not isinstance(r.enabled, bool):
+                problems.append(f"moon3.reasoning.enabled must be true or false, got {r.enabled!r}")
             full = m.projection_dim or t.hidden_size
             bad = [d for d in m.matryoshka_dims if not 0 < d <= full]
             if bad:
@@ -415,7 +466,18 @@ def _moon3_from_dict(raw: dict[str, Any]) -> Moon3HeadConfig:
         projection_dim=raw.get("projection_dim", 256),
         matryoshka_dims=list(raw.get("matryoshka_dims", [])),
         instruction=raw.get("instruction", DEFAULT_INSTRUCTION),
+        reasoning=_reasoning_from_dict(raw.get("reasoning") or {}),
     )
+
+
+def _reasoning_from_dict(raw: dict[str, Any]) -> ReasoningConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"moon3.reasoning must be an object, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(ReasoningConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"moon3.reasoning has unknown keys {unknown}; known keys are {sorted(known)}")
+    return ReasoningConfig(**raw)
 
 
 def _tiny_ids() -> dict[str, int]:

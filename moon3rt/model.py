@@ -12,6 +12,7 @@ live under ``moon3.*``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -192,14 +193,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cu_seqlens):
+    def rotated_qkv(self, x, cos, sin):
+        """q (n, Hq, D), k and v (n, Hk, D) of n tokens, with RoPE applied to q and k."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x, cos, sin, cu_seqlens, kv_sink=None):
+        """`kv_sink(k, v)`, when given, receives the rotated keys and values (a KV cache's prefill)."""
+        n = x.shape[0]
+        q, k, v = self.rotated_qkv(x, cos, sin)
+        if kv_sink is not None:
+            kv_sink(k, v)
         groups = self.num_heads // self.num_kv_heads
         out = torch.empty_like(q)
         for start, end in segments(cu_seqlens):  # causal attention within each item
@@ -229,8 +237,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens)
+    def forward(self, x, cos, sin, cu_seqlens, kv_sink=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, kv_sink)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -335,15 +343,35 @@ class Moon3Heads(nn.Module):
 
 # ---------------------------------------------------------------------------- encoder
 class Moon3Model(nn.Module):
-    """Qwen2-VL backbone + FIRE + MHMF + pooling + projection. `forward` returns (B, out) fp32."""
+    """Qwen2-VL backbone + FIRE + MHMF + pooling + projection. `forward` returns (B, out) fp32.
 
-    def __init__(self, cfg: Moon3Config):
+    `lm_head` (vocab, d) exists only for checkpoints with untied embeddings that ship
+    ``lm_head.weight``; reasoning mode needs logits, and `output_embeddings` says where
+    they come from.
+    """
+
+    def __init__(self, cfg: Moon3Config, lm_head: bool = False):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTower(cfg.vision)
         self.language_model = LanguageModel(cfg.text)
         if cfg.moon3 is not None and (cfg.has_fire or cfg.has_fusion or cfg.has_projection):
             self.moon3 = Moon3Heads(cfg)
+        if lm_head:
+            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    def output_embeddings(self) -> torch.Tensor | None:
+        """The (vocab, d) matrix that turns final-norm states into logits, or None if there is none.
+
+        Tied checkpoints use the input embeddings; untied ones their own ``lm_head.weight``,
+        which is optional at load (embedding needs no logits), so it may be absent.
+        """
+        head = getattr(self, "lm_head", None)
+        if head is not None:
+            return head.weight
+        if self.cfg.text.tie_word_embeddings:
+            return self.language_model.embed_tokens.weight
+        return None
 
     @property
     def fire(self) -> Fire | None:
@@ -357,8 +385,12 @@ class Moon3Model(nn.Module):
     def projection(self) -> nn.Linear | None:
         return getattr(getattr(self, "moon3", None), "projection", None)
 
-    def hidden_states(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Final-norm hidden states (T, d) of the packed batch, and the raw image signal V."""
+    def hidden_states(self, batch: PackedBatch, kv_sink=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final-norm hidden states (T, d) of the packed batch, and the raw image signal V.
+
+        `kv_sink(layer, k, v)`, when given, receives each decoder layer's rotated keys and
+        values (T, Hk, D): the prefill of reasoning mode's KV cache (`moon3rt.generate`).
+        """
         lm = self.language_model
         h = lm.embed_tokens(batch.input_ids)
         image_rows = v = r = None
@@ -373,7 +405,7 @@ class Moon3Model(nn.Module):
         cos, sin = lm.rotary(batch.position_ids, h.dtype)
         fire_slots = {layer: slot for slot, layer in enumerate(self.fire.layers)} if self.fire is not None else {}
         for i, layer in enumerate(lm.layers):
-            h = layer(h, cos, sin, batch.cu_seqlens)
+            h = layer(h, cos, sin, batch.cu_seqlens, None if kv_sink is None else functools.partial(kv_sink, i))
             if r is not None and i in fire_slots:
                 self.fire.inject(h, image_rows, r, fire_slots[i])
         return lm.norm(h), v
@@ -385,9 +417,13 @@ class Moon3Model(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         h, v = self.hidden_states(batch)
-        e = self.pool(h, batch).float()
+        return self.heads(self.pool(h, batch), v, batch)
+
+    def heads(self, e: torch.Tensor, v: torch.Tensor | None, batch: PackedBatch) -> torch.Tensor:
+        """MHMF and projection of the pooled states e (B, d), given the image signal V. (B, out) fp32."""
+        e = e.float()
         if self.fusion is not None:
-            x_img = v if v is not None else h.new_zeros(0, h.shape[1])
+            x_img = v if v is not None else e.new_zeros(0, e.shape[1])
             x_txt = self.language_model.embed_tokens(batch.input_ids[batch.title_index])
             e = self.fusion(e, x_img, batch.cu_images, x_txt, batch.cu_titles)
         if self.projection is not None:
@@ -404,7 +440,8 @@ def embed(model: Moon3Model, batch: PackedBatch, dim: int | None = None, normali
 
 
 def random_model(
-    cfg: Moon3Config, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    cfg: Moon3Config, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    lm_head: bool = False,
 ) -> Moon3Model:
     """A model with deterministic random weights (for presets and tests).
 
@@ -415,7 +452,7 @@ def random_model(
     """
     device = torch.device(device)
     with torch.device("meta"):
-        model = Moon3Model(cfg)
+        model = Moon3Model(cfg, lm_head=lm_head)
     gen = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):

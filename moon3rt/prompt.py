@@ -8,10 +8,18 @@ Every item becomes one prompt (DESIGN.md, "Prompt")::
 
 The pool token is ``<emb>`` (``moon3.embed_token_id``) for ``emb_token`` pooling and
 ``<|endoftext|>`` otherwise, which is exactly GME's published template.
+
+Reasoning mode (``moon3.reasoning``, docs/MODEL.md) asks for the attributes and lets the
+model write them before ``<emb>``; the prompt it prefills is::
+
+    ... {title}{reasoning.prompt}<|im_end|>\n<|im_start|>assistant\n{start_marker}\n
+
+and `ReasoningPlan` holds the token rules of the generation that follows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +31,9 @@ from .config import Moon3Config
 from .images import PatchifiedImage
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|endoftext|>")
+
+
+END_OF_TEXT = ("<|im_end|>", "<|endoftext|>")  # tokens that end generation besides the end marker
 
 
 class TextTooLongError(ValueError):
@@ -52,6 +63,28 @@ class PreparedItem:
     def cost(self) -> int:
         """What the item costs a batch's token budget: decoder tokens plus vision patches."""
         return self.num_tokens + self.num_patches
+
+
+@dataclass(frozen=True)
+class ReasoningPlan:
+    """Token-level rules of reasoning mode for one model and tokenizer (docs/MODEL.md).
+
+    Greedy decoding stops at a token of `stop_ids` or after `max_tokens` generated tokens;
+    the reasoning text is what was generated, less a final stop token; `close_ids`
+    (``{end_marker}\\n<emb>``) follow it, and the state at their last token (``<emb>``) is
+    pooled. `suppressed_ids` are never generated: they stand for image features, not text.
+    """
+
+    max_tokens: int
+    end_marker_id: int
+    stop_ids: tuple[int, ...]  # the end marker first, then end-of-text ids
+    close_ids: tuple[int, ...]
+    suppressed_ids: tuple[int, ...]
+
+    def with_budget(self, max_tokens: int) -> "ReasoningPlan":
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_reasoning_tokens must be an integer >= 0, got {max_tokens!r}")
+        return dataclasses.replace(self, max_tokens=max_tokens)
 
 
 def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
@@ -91,10 +124,42 @@ class PromptBuilder:
         self.title_tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
         self.title_tokenizer.encode_special_tokens = True
 
-    def build(self, title: str | None, images: list[PatchifiedImage], truncate: bool = True) -> PreparedItem:
+    def reasoning_problems(self) -> list[str]:
+        """Why the config and tokenizer cannot run reasoning mode (empty when they can)."""
+        problems = self.cfg.reasoning_problems()
+        marker = self.cfg.reasoning.end_marker
+        if self.tokenizer.token_to_id(marker) is None:
+            problems.append(f"moon3.reasoning.end_marker={marker!r} is not one token of the tokenizer")
+        return problems
+
+    def reasoning_plan(self) -> ReasoningPlan:
+        """The generation rules of reasoning mode; `ValueError` naming every reason it cannot run."""
+        problems = self.reasoning_problems()
+        if problems:
+            raise ValueError("this model cannot run reasoning mode: " + "; ".join(problems))
+        cfg, tok, r = self.cfg, self.tokenizer, self.cfg.reasoning
+        end_id = tok.token_to_id(r.end_marker)
+        stops = [end_id] + [i for i in (cfg.eos_token_id, *map(tok.token_to_id, END_OF_TEXT)) if i is not None]
+        close = tok.encode(f"{r.end_marker}\n", add_special_tokens=False).ids + [cfg.moon3.embed_token_id]
+        return ReasoningPlan(
+            max_tokens=r.max_tokens,
+            end_marker_id=end_id,
+            stop_ids=tuple(dict.fromkeys(stops)),
+            close_ids=tuple(close),
+            suppressed_ids=tuple(dict.fromkeys((cfg.image_token_id, cfg.video_token_id))),
+        )
+
+    def build(self, title: str | None, images: list[PatchifiedImage], truncate: bool = True,
+              reasoning: bool = False) -> PreparedItem:
+        """The item's prompt: direct mode ends in the pool token; reasoning mode's is the
+        prefix that generation continues (its `pool_position` is its last token)."""
         head = f"<|im_start|>system\n{self.cfg.instruction}<|im_end|>\n<|im_start|>user\n"
         head += "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
-        tail = f"<|im_end|>\n<|im_start|>assistant\n{self.pool_token}"
+        if reasoning:
+            r = self.cfg.reasoning
+            tail = f"{r.prompt}<|im_end|>\n<|im_start|>assistant\n{r.start_marker}\n"
+        else:
+            tail = f"<|im_end|>\n<|im_start|>assistant\n{self.pool_token}"
         head_ids = self.tokenizer.encode(head, add_special_tokens=False).ids
         tail_ids = self.tokenizer.encode(tail, add_special_tokens=False).ids
         # The title is user text: special-token strings in it ("<|im_end|>", "<emb>") are

@@ -10,7 +10,10 @@ GEMMs stay on cuBLAS through torch; everything between them is a kernel from
   gate/up GEMM's output;
 - FIRE: fused prologue (RMSNorm + down GEMM + SiLU) and, after each FIRE layer, a GEMM
   whose epilogue adds `tanh(alpha) R U_l` into the image rows in place;
-- MHMF: the absorbed form, one kernel reading each raw token once for all heads.
+- MHMF: the absorbed form, one kernel reading each raw token once for all heads;
+- reasoning mode (`moon3rt.generate`): the prefill is `hidden_states` with a KV sink, and
+  `decode_step` runs one token per item with the same kernels and
+  `kernels.decode_attention` over the KV cache.
 
 q/k/v and gate/up weights are concatenated once into single GEMMs; the model's own
 parameters become views into the concatenated tensors, so nothing is stored twice and
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.fire import fire_inject_, fire_prologue
+from ..kernels.decode_attention import decode_attention
 from ..kernels.fusion_attention import fusion_attention
 from ..kernels.layer_norm import layer_norm
 from ..kernels.quick_gelu import bias_quick_gelu
@@ -63,6 +67,9 @@ class TritonBackend:
                 "(Triton's interpreter, for tests)"
             )
         self.model, self.device, self.cfg = model, device, model.cfg
+        # decode attention splits caches into chunks of this many keys on a GPU (split-K:
+        # a few long caches still fill the SMs); fixed, so results never depend on the batch
+        self.kv_chunk = 256 if device.type == "cuda" else None
         lm = model.language_model
         self.qkv, self.gate_up = [], []
         for layer in lm.layers:
@@ -113,7 +120,8 @@ class TritonBackend:
         return z, merger.mlp(z)
 
     # ----------------------------------------------------------------------- decoder
-    def hidden_states(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def hidden_states(self, batch: PackedBatch, kv_sink=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `Moon3Model.hidden_states`; `kv_sink(layer, k, v)` receives the rotated k/v."""
         model, cfg = self.model, self.cfg
         lm, t = model.language_model, cfg.text
         max_len = _max_len(batch.cu_seqlens)
@@ -141,6 +149,8 @@ class TritonBackend:
             k = qkv[:, hq * hd : (hq + hk) * hd].view(n, hk, hd)
             vv = qkv[:, (hq + hk) * hd :].view(n, hk, hd)
             apply_mrope_(q, k, batch.position_ids, self.text_inv_freq, t.mrope_section)
+            if kv_sink is not None:
+                kv_sink(i, k, vv)
             attn = varlen_attention(q, k, vv, batch.cu_seqlens, max_len, causal=True)
             out = F.linear(attn.reshape(n, -1), layer.self_attn.o_proj.weight)
             norm = layer.post_attention_layernorm
@@ -154,6 +164,35 @@ class TritonBackend:
             return rms_norm(h, lm.norm.weight, lm.norm.eps), v
         y, _ = rms_norm(out, lm.norm.weight, lm.norm.eps, residual=h)
         return y, v
+
+    def decode_step(self, tokens, positions, slots, lengths, cache) -> torch.Tensor:
+        """One token per active item (see `moon3rt.generate.TorchDecoder.decode_step`): (A, d)."""
+        lm, t = self.model.language_model, self.cfg.text
+        h = lm.embed_tokens(tokens)
+        n, hq, hk, hd = h.shape[0], t.num_attention_heads, t.num_key_value_heads, t.head_dim
+        out = None
+        for i, layer in enumerate(lm.layers):
+            norm = layer.input_layernorm
+            if out is None:
+                y = rms_norm(h, norm.weight, norm.eps)
+            else:
+                y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
+            qkv = F.linear(y, *self.qkv[i])
+            q = qkv[:, : hq * hd].view(n, hq, hd)
+            k = qkv[:, hq * hd : (hq + hk) * hd].view(n, hk, hd)
+            vv = qkv[:, (hq + hk) * hd :].view(n, hk, hd)
+            apply_mrope_(q, k, positions, self.text_inv_freq, t.mrope_section)
+            cache.k[i, slots, lengths] = k
+            cache.v[i, slots, lengths] = vv
+            attn = decode_attention(q, cache.k[i], cache.v[i], slots, lengths + 1, kv_chunk=self.kv_chunk)
+            out = F.linear(attn.reshape(n, -1), layer.self_attn.o_proj.weight)
+            norm = layer.post_attention_layernorm
+            y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
+            out = F.linear(swiglu_packed(F.linear(y, self.gate_up[i])), layer.mlp.down_proj.weight)
+        if out is None:
+            return rms_norm(h, lm.norm.weight, lm.norm.eps)
+        y, _ = rms_norm(out, lm.norm.weight, lm.norm.eps, residual=h)
+        return y
 
     # ------------------------------------------------------------------------- heads
     def fusion(self, e: torch.Tensor, x_img, cu_img, x_txt, cu_txt) -> torch.Tensor:
@@ -172,12 +211,17 @@ class TritonBackend:
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> torch.Tensor:
-        model = self.model
         h, v = self.hidden_states(batch)
         batch = batch.to(self.device)
-        e = model.pool(h, batch).float()
+        return self.heads(self.model.pool(h, batch), v, batch)
+
+    def heads(self, e: torch.Tensor, v: torch.Tensor | None, batch: PackedBatch) -> torch.Tensor:
+        """MHMF (fused) and projection of the pooled states e (B, d); (B, out) fp32."""
+        model = self.model
+        batch = batch.to(self.device)
+        e = e.float()
         if model.fusion is not None:
-            x_img = v if v is not None else h.new_zeros(0, h.shape[1])
+            x_img = v if v is not None else e.new_zeros(0, e.shape[1])
             x_txt = model.language_model.embed_tokens(batch.input_ids[batch.title_index])
             e = self.fusion(e, x_img, batch.cu_images, x_txt, batch.cu_titles)
         if model.projection is not None:
