@@ -37,6 +37,7 @@ import triton.testing  # noqa: E402
 
 from moon3rt.config import Moon3Config  # noqa: E402
 from moon3rt.kernels import fire as fire_ops  # noqa: E402
+from moon3rt.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from moon3rt.kernels.fusion_attention import fusion_attention, fusion_attention_ref  # noqa: E402
 from moon3rt.kernels.layer_norm import layer_norm, layer_norm_ref  # noqa: E402
 from moon3rt.kernels.quick_gelu import bias_quick_gelu, bias_quick_gelu_ref  # noqa: E402
@@ -158,6 +159,18 @@ def build_cases(cfg: Moon3Config, items: int, device: torch.device, dtype: torch
                           lambda aq=aq, ak=ak, av=av, cu=cu, seg=seg, causal=causal:
                           varlen_attention_ref(aq, ak, av, cu, seg, causal),
                           4 * n * h_q * dim * es, flops, sdpa))
+
+    # Reasoning mode's decode step: one query per item over its KV cache (one layer).
+    cache_len = per_item_tokens + 32
+    kc, vc = rnd(items, cache_len, hk, hd), rnd(items, cache_len, hk, hd)
+    dq = rnd(items, hq, hd)
+    slots = torch.arange(items, device=device)
+    lengths = torch.full((items,), cache_len, device=device)
+    chunk = 256 if device.type == "cuda" else None
+    cases.append(Case("decode_attention", f"{items} items x {cache_len} cached, Hq {hq} Hk {hk} D {hd}",
+                      lambda: decode_attention(dq, kc, vc, slots, lengths, kv_chunk=chunk),
+                      lambda: decode_attention_ref(dq, kc, vc, slots, lengths),
+                      2 * items * cache_len * hk * hd * es, 0))
 
     if cfg.moon3 is not None and cfg.moon3.fusion is not None:
         H = cfg.moon3.fusion.num_heads

@@ -98,10 +98,14 @@ MAIN_JSON=$(ls -t "$RAW"/throughput-*.json 2>/dev/null | head -1)
 stage throughput-compile 100 $PY bench/throughput.py "${COMMON[@]}" --backends torch.compile \
     ${MAIN_JSON:+--include-results "$MAIN_JSON"}
 
+# reasoning mode: generated tokens/s and decode bandwidth at the largest batch size
+stage throughput-reasoning 60 $PY bench/throughput.py --model "$MODEL" --dtype "$DTYPE" --batch-sizes 64 \
+    --backends "torch,triton" --skip-peers --reasoning-only --reasoning-tokens 64 --no-plot --out-dir "$RAW/reasoning"
+
 stage tests-not-gpu 300 $PY -m pytest -q -m "not gpu" -p no:cacheprovider tests/
 
 # ------------------------------------------------------------------- summary and packing
-for name in throughput throughput-compile; do
+for name in throughput throughput-compile throughput-reasoning; do
     if [ -f "$RAW/$name.log" ]; then
         { echo; echo "===== $name (stdout tables; progress lines dropped)"; grep -Ev '^\[throughput\]|^[WIEV][0-9]{4} ' "$RAW/$name.log" | tail -80; } >> "$SUMMARY"
     fi

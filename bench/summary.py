@@ -74,6 +74,16 @@ def print_report(report: dict) -> None:
             for r in report["end_to_end"]]
     print(reporting.table(["encode() end to end", "batch", "items", "items/s", "workers"], rows))
     print()
+    if report.get("reasoning"):
+        rows = [[r["backend"], str(r["batch_size"]), str(r["reasoning_tokens"]), f"{r['items_per_s']:.1f}",
+                 f"{r['generated_tokens_per_s']:.0f}", str(r["decode_steps"]), f"{r['decode_gb_per_s']:.1f}",
+                 f"{r['decode_pct_bandwidth']:.1f}" if "decode_pct_bandwidth" in r else "-"]
+                for r in report["reasoning"]]
+        print(reporting.table(["reasoning mode", "batch", "budget", "items/s", "gen tok/s", "steps",
+                               "decode GB/s", "% bandwidth"], rows))
+        print(f"(bandwidth measured by a device copy: {report.get('bandwidth_gbs', 0):.0f} GB/s; decode traffic = "
+              "decoder weights + LM head + cached K/V read once per step)")
+        print()
     rows = [[fmt.upper(), f"{v['image_size']}x{v['image_size']}", f"{v['mean_file_bytes'] / 1024:.1f}",
              f"{v['images_per_s_per_core']:.1f}"] for fmt, v in report["preprocess"].items()]
     print(reporting.table(["preprocess (decode+resize+patchify+tokenise)", "size", "KiB", "images/s/core"], rows))

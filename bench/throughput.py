@@ -91,6 +91,11 @@ def parse_args(argv):
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--skip-peers", action="store_true", help="time moon3rt backends only")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--reasoning", action="store_true",
+                   help="also time reasoning mode (generate attributes, then <emb>) per moon3rt backend that can")
+    p.add_argument("--reasoning-only", action="store_true",
+                   help="with --reasoning: check the backends, then time reasoning mode only")
+    p.add_argument("--reasoning-tokens", type=int, default=64, help="reasoning budget per item (default 64)")
     p.add_argument("--include-results", action="append", default=[], metavar="JSON",
                    help="add the rows of an earlier run's JSON (same device, model, dtype and workload) to the "
                         "table, plot and goals, e.g. to split a slow torch.compile run from the rest")
@@ -105,6 +110,7 @@ def parse_args(argv):
     args.duration = args.duration if args.duration is not None else (5.0 if cuda else 2.0)
     args.warmup = args.warmup if args.warmup is not None else args.duration / 4
     args.items = args.items or max(16, 2 * args.batch_sizes[-1])
+    args.reasoning = args.reasoning or args.reasoning_only
     if args.threads is None and not cuda:
         args.threads = 1
     return args
@@ -180,6 +186,7 @@ class Run:
         log(f"workload: {args.items} items of {self.image_size}x{self.image_size} "
             f"in {time.perf_counter() - t0:.1f} s")
         self.threshold = 0.9999 if self.dtype == torch.float32 else 0.999
+        self.bandwidth_gbs = None
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         where = "cpu" if self.device.type == "cpu" else reporting.slug(torch.cuda.get_device_name(self.device))
         self.out_dir = Path(args.out_dir)
@@ -346,6 +353,77 @@ class Run:
         self.report["end_to_end"].append(row)
         log(f"encode() end to end, {name}, batch {size}: {row['items_per_s']:.1f} items/s")
 
+    def reasoning_stage(self, name: str) -> None:
+        """Reasoning mode at the largest batch size: items/s, generated tokens/s, decode GB/s.
+
+        Decode time = generate time - the direct forward of the same prompts (the prefill).
+        Decode traffic per step is estimated as the decoder's weights plus the LM head read
+        once, plus every active item's cached keys and values read once.
+        """
+        from moon3rt.generate import decoder_for, generate
+
+        encoder = Encoder(self.encoder.model, self.encoder.prompt.tokenizer, self.device, self.dtype, backend=name,
+                          name=self.args.model, image_mean=self.encoder.image_mean,
+                          image_std=self.encoder.image_std)
+        plan = encoder.reasoning_plan(self.args.reasoning_tokens)
+        lm_weight = encoder.model.output_embeddings()
+        merge = self.cfg.vision.spatial_merge_size
+        prompts = [encoder.prepare(item, i, reasoning=True) for i, item in enumerate(self.raw)]
+        size = self.args.batch_sizes[-1]
+        batches = [pack(group, merge) for group in batches_of(prompts, size)]
+        decoder = decoder_for(encoder.backend)
+        generate(decoder, batches[0], plan, lm_weight)  # warm-up (and compilation)
+        timing.synchronize(self.device)
+        t0 = time.perf_counter()
+        for batch in batches:
+            encoder.backend.embed(batch)
+        timing.synchronize(self.device)
+        prefill_s = time.perf_counter() - t0
+        generated = steps = 0
+        kv_bytes = 0.0
+        t = self.cfg.text
+        es = torch.tensor([], dtype=self.dtype).element_size()
+        per_token_kv = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * es
+        t0 = time.perf_counter()
+        for batch in batches:
+            out = generate(decoder, batch, plan, lm_weight)
+            lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+            for length, tokens in zip(lengths, out.tokens):
+                n = len(tokens) + len(plan.close_ids) + 1
+                generated += len(tokens)
+                kv_bytes += per_token_kv * (n * length + n * (n - 1) / 2)  # one read of the cache per step
+            steps += out.steps
+        timing.synchronize(self.device)
+        total_s = time.perf_counter() - t0
+        decode_s = max(total_s - prefill_s, 1e-9)
+        lm = encoder.model.language_model
+        weight_bytes = sum(p.numel() for p in lm.layers.parameters()) * es + lm_weight.numel() * es
+        decode_bytes = steps * weight_bytes + kv_bytes
+        row = {"backend": name, "batch_size": size, "items": len(prompts), "reasoning_tokens": plan.max_tokens,
+               "seconds": total_s, "prefill_s": prefill_s, "decode_s": decode_s, "decode_steps": steps,
+               "items_per_s": len(prompts) / total_s, "generated_tokens": generated,
+               "generated_tokens_per_s": generated / total_s,
+               "decode_gb_per_s": decode_bytes / decode_s / 1e9}
+        if self.bandwidth_gbs:
+            row["decode_pct_bandwidth"] = 100 * row["decode_gb_per_s"] / self.bandwidth_gbs
+        self.report.setdefault("reasoning", []).append(row)
+        log(f"reasoning {name}, batch {size}: {row['items_per_s']:.1f} items/s, "
+            f"{row['generated_tokens_per_s']:.0f} generated tokens/s, decode {row['decode_gb_per_s']:.0f} GB/s")
+
+    def measure_bandwidth(self) -> float | None:
+        """Device memory bandwidth (GB/s) from a large copy, the ceiling decode is judged against."""
+        n = (1 << 28) if self.device.type == "cuda" else (1 << 24)
+        a = torch.empty(n, dtype=torch.uint8, device=self.device)
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        timing.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            b.copy_(a)
+        timing.synchronize(self.device)
+        return 2 * n * 10 / (time.perf_counter() - t0) / 1e9
+
     def include(self, path: Path) -> None:
         """Rows of an earlier run that this one did not measure, marked with their source."""
         earlier = json.loads(path.read_text())
@@ -383,7 +461,8 @@ class Run:
             if not ok:
                 self.report["skipped"].append({"backend": name, "reason": "failed the embedding check"})
                 continue
-            self.time_runner(runner)
+            if not self.args.reasoning_only:
+                self.time_runner(runner)
             if name not in PEERS:
                 timed_backends.append(name)
             del runner
@@ -391,12 +470,23 @@ class Run:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.save()
-        for name in timed_backends:
+        for name in [] if self.args.reasoning_only else timed_backends:
             try:
                 self.end_to_end(name)
             except Exception as err:
                 self.report["skipped"].append({"backend": name, "stage": "end_to_end",
                                                "reason": f"{type(err).__name__}: {err}"})
+        if self.args.reasoning:
+            self.bandwidth_gbs = self.measure_bandwidth()
+            self.report["bandwidth_gbs"] = self.bandwidth_gbs
+            for name in timed_backends:
+                try:
+                    self.reasoning_stage(name)
+                except Exception as err:
+                    self.report["skipped"].append({"backend": name, "stage": "reasoning",
+                                                   "reason": f"{type(err).__name__}: {err}"})
+                    log(f"reasoning {name}: skipped ({type(err).__name__}: {err})")
+                self.save()
         for path in self.args.include_results:
             self.include(Path(path))
         self.report["goals"] = summary.goals(self.report)

@@ -110,3 +110,17 @@ def test_flops_2b_reference_item(throughput):
     total = sum(parts.values())
     assert 2.2e12 < total < 2.4e12
     assert 0.6 < (parts["vision"] + parts["merger"]) / total < 0.7
+
+
+def test_reasoning_smoke(throughput, tmp_path):
+    report = throughput.main([
+        "--model", "moon3-tiny", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "2", "--items", "4",
+        "--backends", "torch", "--skip-peers", "--reasoning-only", "--reasoning-tokens", "3", "--no-plot",
+        "--out-dir", str(tmp_path),
+    ])
+    assert report["results"] == [], "--reasoning-only times reasoning mode alone"
+    (row,) = report["reasoning"]
+    assert row["backend"] == "torch" and row["batch_size"] == 2 and row["items"] == 4
+    assert 0 < row["generated_tokens"] <= 4 * 3, "the budget bounds what is generated"
+    assert row["items_per_s"] > 0 and row["generated_tokens_per_s"] > 0 and row["decode_steps"] > 0
+    assert report["bandwidth_gbs"] > 0 and row["decode_pct_bandwidth"] > 0
