@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from moon3rt.cli import main
@@ -40,6 +40,7 @@ def test_encode_npy_keeps_rows_aligned_and_reports_failures(tmp_path, capsys):
 
 
 def test_encode_parquet_has_ids_embeddings_and_errors(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="the parquet extra (CI installs it: tests/test_environment.py)")
     out = tmp_path / "vectors.parquet"
     assert main(["encode", "--input", str(write_items(tmp_path)), "--output", str(out), "--no-progress",
                  "--dim", "16"]) == 0

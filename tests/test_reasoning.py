@@ -363,7 +363,7 @@ def test_cli_writes_the_reasoning(tmp_path, capsys):
 
 
 def test_cli_parquet_has_a_reasoning_column(tmp_path):
-    import pyarrow.parquet as pq
+    pq = pytest.importorskip("pyarrow.parquet", reason="the parquet extra (CI installs it: tests/test_environment.py)")
     out = tmp_path / "vectors.parquet"
     assert cli.main(["encode", "--input", str(cli_input(tmp_path)), "--output", str(out), "--device", "cpu",
                      "--reasoning", "--max-reasoning-tokens", "2", "--no-progress"]) == 0
