@@ -233,12 +233,17 @@ def _check_tokens(name, x, dim, device):
     return x
 
 
-def fusion_attention(q, x_img, cu_img, x_txt, cu_txt, gate_logits) -> torch.Tensor:
+def fusion_attention(q, x_img, cu_img, x_txt, cu_txt, gate_logits, out_dtype=None, precision=None) -> torch.Tensor:
     """Gated per-modality attention pooling of raw tokens, all heads at once.
 
     q (B, H, D) absorbed, pre-scaled queries; x_img (N_img, D) and x_txt (N_txt, D)
     packed raw tokens with cumulative lengths cu_img, cu_txt (B + 1,); gate_logits
-    (B, H, 2), [..., 0] image and [..., 1] text. Returns x_mix (B, H, D) in x's dtype.
+    (B, H, 2), [..., 0] image and [..., 1] text. Returns x_mix (B, H, D) in `out_dtype`
+    (default x's dtype). precision: tl.dot's input precision, "ieee" (exact fp32) or
+    "tf32"; default "ieee" for fp32 tokens and "tf32" for 16-bit ones (exact for the
+    16-bit tokens, rounding only the fp32 queries and softmax weights). A caller that
+    wants fp32 accuracy from 16-bit tokens passes out_dtype=torch.float32, precision="ieee"
+    instead of upcasting the tokens in memory.
     """
     if q.dim() != 3:
         raise ValueError(f"fusion_attention: q must have shape (B, H, D), got {tuple(q.shape)}")
@@ -265,7 +270,11 @@ def fusion_attention(q, x_img, cu_img, x_txt, cu_txt, gate_logits) -> torch.Tens
     cu_img = _check_cu("cu_img", cu_img, batch, device)
     cu_txt = _check_cu("cu_txt", cu_txt, batch, device)
 
-    out = torch.empty((batch, heads, dim), dtype=x_img.dtype, device=device)
+    if precision not in (None, "ieee", "tf32"):
+        raise ValueError(f"fusion_attention: precision must be 'ieee' or 'tf32', got {precision!r}")
+    if batch > 65535:
+        raise ValueError(f"fusion_attention: at most 65535 items per launch, got {batch}")
+    out = torch.empty((batch, heads, dim), dtype=out_dtype or x_img.dtype, device=device)
     if batch == 0 or heads == 0 or dim == 0:
         return out.zero_()
     n_img, n_txt = x_img.shape[0], x_txt.shape[0]
@@ -282,7 +291,7 @@ def fusion_attention(q, x_img, cu_img, x_txt, cu_txt, gate_logits) -> torch.Tens
     score_block_d = min(32, max(16, triton.next_power_of_2(dim)))
     pool_block_d = min(64, max(16, triton.next_power_of_2(dim)))
     block_n = 64
-    dot_precision = "ieee" if x_img.dtype == torch.float32 else "tf32"
+    dot_precision = precision or ("ieee" if x_img.dtype == torch.float32 else "tf32")
 
     _fusion_scores_kernel[(batch, 2)](
         q, q.stride(0), q.stride(1), q.stride(2),

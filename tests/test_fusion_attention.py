@@ -163,6 +163,17 @@ def test_absorbed_form_matches_design_formula(heads, dim, head_dim, img_lens, tx
     assert_close(actual, expected, name="f = e + W_o concat_h(o^h)")
 
 
+@pytest.mark.parametrize("token_dtype", [torch.float16, torch.bfloat16])
+def test_fusion_attention_fp32_out_from_16_bit_tokens(token_dtype):
+    """16-bit tokens, fp32 queries: out_dtype=fp32 with exact dots equals the fp32 reference on those tokens."""
+    q, x_img, cu_img, x_txt, cu_txt, gate = _inputs(3, 40, [5, 0, 7], [2, 3, 0], torch.float32, 3)
+    x_img, x_txt = x_img.to(token_dtype), x_txt.to(token_dtype)
+    out = fusion_attention(q, x_img, cu_img, x_txt, cu_txt, gate, out_dtype=torch.float32, precision="ieee")
+    assert out.dtype == torch.float32
+    ref = fusion_attention_ref(q, x_img.float(), cu_img, x_txt.float(), cu_txt, gate)
+    assert_close(out, ref, dtype=torch.float32, name="x_mix")
+
+
 def test_fusion_attention_bad_inputs_are_named():
     q, x_img, cu_img, x_txt, cu_txt, gate_logits = _inputs(2, 24, [2, 1], [1, 0], torch.float32, seed=1)
     with pytest.raises(ValueError, match="cu_txt"):

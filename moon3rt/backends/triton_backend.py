@@ -90,6 +90,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------------ vision
     def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z, V) of the vision tower; `grid_thw` is read on the host (no device sync)."""
         tower, cfg = self.model.visual, self.cfg.vision
         grid_host = grid_thw.cpu()
         positions = vision_positions(grid_host, cfg.spatial_merge_size).to(self.device)
@@ -111,12 +112,15 @@ class TritonBackend:
             attn = varlen_attention(q, k, v, cu, max_len, causal=False)
             out = F.linear(attn.reshape(n, -1), block.attn.proj.weight, block.attn.proj.bias)
             y, x = layer_norm(out, block.norm2.weight, block.norm2.bias, block.norm2.eps, residual=x)
-            hidden = bias_quick_gelu(F.linear(y, block.mlp.fc1.weight), block.mlp.fc1.bias)
+            # the bias stays in the GEMM (rounded once, as nn.Linear does); QuickGELU is the kernel
+            hidden = bias_quick_gelu(F.linear(y, block.mlp.fc1.weight, block.mlp.fc1.bias))
             out = F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias)
-        if out is not None:
-            x = x + out
         merger = tower.merger
-        z = layer_norm(x, merger.ln_q.weight, merger.ln_q.bias, merger.ln_q.eps).view(-1, cfg.merged_dim)
+        if out is None:
+            z = layer_norm(x, merger.ln_q.weight, merger.ln_q.bias, merger.ln_q.eps)
+        else:
+            z, _ = layer_norm(out, merger.ln_q.weight, merger.ln_q.bias, merger.ln_q.eps, residual=x)
+        z = z.view(-1, cfg.merged_dim)
         return z, merger.mlp(z)
 
     # ----------------------------------------------------------------------- decoder
@@ -124,14 +128,20 @@ class TritonBackend:
         """As `Moon3Model.hidden_states`; `kv_sink(layer, k, v)` receives the rotated k/v."""
         model, cfg = self.model, self.cfg
         lm, t = model.language_model, cfg.text
-        max_len = _max_len(batch.cu_seqlens)
+        # Everything shape-like is read from the host batch, so the forward never waits on the device.
+        max_len = _max_len(batch.cu_seqlens.cpu())
+        has_images = batch.pixel_values is not None and batch.pixel_values.shape[0] > 0
+        if has_images:
+            grid_host = batch.image_grid_thw.cpu()
+            rows = torch.nonzero(batch.input_ids.cpu() == cfg.image_token_id).squeeze(1).to(self.device)
         batch = batch.to(self.device)
         h = lm.embed_tokens(batch.input_ids)
-        v = rows = r = None
-        if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
-            z, v = self.vision(batch.pixel_values, batch.image_grid_thw)
-            rows = torch.nonzero(batch.input_ids == cfg.image_token_id).squeeze(1)
-            h = h.index_copy(0, rows, v.to(h.dtype))
+        v = r = None
+        if has_images:
+            z, v = self.vision(batch.pixel_values, grid_host)
+            if rows.numel() != v.shape[0]:
+                raise ValueError(f"{rows.numel()} <|image_pad|> tokens but {v.shape[0]} merged image tokens")
+            h.index_copy_(0, rows, v.to(h.dtype))
             if model.fire is not None:
                 r = fire_prologue(z, model.fire.norm.weight, model.fire.down.weight, model.fire.norm.eps)
         fire_slots = {layer: slot for slot, layer in enumerate(model.fire.layers)} if model.fire is not None else {}
@@ -199,26 +209,39 @@ class TritonBackend:
         """MHMF in the absorbed form of DESIGN.md: q~_h = W_k^hT q_h / sqrt(d_f), o = W_v^h x_mix + b_v."""
         fusion = self.model.fusion
         H, Df, d = fusion.num_heads, fusion.head_dim, e.shape[1]
-        q = F.linear(e, fusion.q_proj.weight.float(), fusion.q_proj.bias.float()).view(-1, H, Df)
-        w_k = fusion.k_proj.weight.float().view(H, Df, d)
-        q_abs = torch.einsum("bhf,hfd->bhd", q, w_k) / Df**0.5  # the K bias drops out of the softmax
-        gate_logits = F.linear(e, fusion.gate.weight.float(), fusion.gate.bias.float()).view(-1, H, 2)
-        x_mix = fusion_attention(q_abs, x_img.float(), cu_img, x_txt.float(), cu_txt, gate_logits)
-        w_v = fusion.v_proj.weight.float().view(H, Df, d)
+        w = self._fusion_weights()
+        q = F.linear(e, w["q_proj.weight"], w["q_proj.bias"]).view(-1, H, Df)
+        q_abs = torch.einsum("bhf,hfd->bhd", q, w["k_proj.weight"].view(H, Df, d)) / Df**0.5  # K bias drops out
+        gate_logits = F.linear(e, w["gate.weight"], w["gate.bias"]).view(-1, H, 2)
+        # 16-bit tokens are read as they are and accumulated with exact fp32 dots into an fp32 result
+        x_mix = fusion_attention(q_abs, x_img, cu_img, x_txt.to(x_img.dtype), cu_txt, gate_logits,
+                                 out_dtype=torch.float32, precision="ieee")
         present = ((cu_img[1:] > cu_img[:-1]) | (cu_txt[1:] > cu_txt[:-1])).float()  # an item with no tokens adds 0
-        o = torch.einsum("bhd,hfd->bhf", x_mix, w_v) + fusion.v_proj.bias.float().view(H, Df) * present[:, None, None]
-        return e + F.linear(o.reshape(-1, H * Df), fusion.o_proj.weight.float())
+        o = torch.einsum("bhd,hfd->bhf", x_mix, w["v_proj.weight"].view(H, Df, d))
+        o = o + w["v_proj.bias"].view(H, Df) * present[:, None, None]
+        return e + F.linear(o.reshape(-1, H * Df), w["o_proj.weight"])
+
+    def _fusion_weights(self) -> dict[str, torch.Tensor]:
+        """MHMF's parameters in fp32, converted once (they are small: a few d x H*d_f matrices)."""
+        if getattr(self, "_fusion_fp32", None) is None:
+            self._fusion_fp32 = {n: p.detach().float() for n, p in self.model.fusion.named_parameters()}
+        return self._fusion_fp32
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         h, v = self.hidden_states(batch)
-        batch = batch.to(self.device)
-        return self.heads(self.model.pool(h, batch), v, batch)
+        index = self._head_inputs(batch)
+        return self.heads(self.model.pool(h, index), v, index)
+
+    def _head_inputs(self, batch: PackedBatch) -> PackedBatch:
+        """The batch without its pixels, on the device: what pooling and the heads read."""
+        small = dict(batch.__dict__, pixel_values=None, image_grid_thw=None)
+        return PackedBatch(**small).to(self.device)
 
     def heads(self, e: torch.Tensor, v: torch.Tensor | None, batch: PackedBatch) -> torch.Tensor:
         """MHMF (fused) and projection of the pooled states e (B, d); (B, out) fp32."""
         model = self.model
-        batch = batch.to(self.device)
+        batch = self._head_inputs(batch)
         e = e.float()
         if model.fusion is not None:
             x_img = v if v is not None else e.new_zeros(0, e.shape[1])
