@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .backends import create_backend
-from .batching import pack, plan_batches
+from .batching import TokenBudget, pack
 from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, Moon3Config
 from .images import CLIP_MEAN, CLIP_STD, ImageError, gme_pre_resize, load_image, preprocess_image
-from .items import ItemError, to_item
+from .items import Item, ItemError, to_item
 from .model import Moon3Model, random_model
 from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, load_tokenizer
 
@@ -185,35 +186,53 @@ class Encoder:
         plan = self.reasoning_plan(max_reasoning_tokens) if reasoning else None
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if dim is not None and not 0 < dim <= self.dim:
-            raise ValueError(f"dim={dim} is out of range: this model's vectors have {self.dim} dimensions")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= self.dim):
+            raise ValueError(f"dim={dim!r} is out of range: this model's vectors have {self.dim} dimensions")
+        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(items, (str, bytes, bytearray, memoryview, dict, np.ndarray, Image.Image, os.PathLike, Item)) \
+                or not isinstance(items, Iterable):
             raise TypeError("encode() takes a list of items; wrap a single item in a list")
         items = list(items)
         out = np.full((len(items), dim or self.dim), np.nan, dtype=np.float32)
         texts: list[str | None] | None = [None] * len(items) if plan is not None else None
         room = plan.max_tokens + len(plan.close_ids) if plan is not None else 0  # cache slots to reason in
         failures: dict[int, ItemError] = {}
-        workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
-        window = max(4 * batch_size, 64)  # items prepared ahead of the model, bounding host memory
+        workers = max(1, num_workers if num_workers is not None else min(4, os.cpu_count() or 1))
         bar = tqdm(total=len(items), disable=not show_progress, unit="item", desc="encode")
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for lo in range(0, len(items), window):
-                indices = range(lo, min(lo + window, len(items)))
-                prepared = dict(zip(indices, pool.map(
-                    lambda i: self._try_prepare(items[i], i, truncate, plan is not None), indices)))
-                bad = [p for p in prepared.values() if isinstance(p, ItemError)]
-                failures.update((p.index, p) for p in bad)
-                bar.update(len(bad))
-                if failures and on_error == "raise":
-                    continue  # keep validating, so the error names every bad item, but embed nothing
-                good = [i for i in indices if not isinstance(prepared[i], ItemError)]
-                for group in plan_batches([prepared[i].cost + room for i in good], max_batch_tokens, batch_size):
-                    batch_indices = [good[g] for g in group]
-                    self._run(batch_indices, prepared, out, failures, dim, normalize, on_error, plan, texts)
-                    bar.update(len(batch_indices))
+        budget = TokenBudget(max_batch_tokens, batch_size)
+        prepared: dict[int, PreparedItem] = {}
+
+        def run(group: list[int]) -> None:
+            if group and not (failures and on_error == "raise"):
+                self._run(group, prepared, out, failures, dim, normalize, on_error, plan, texts)
+            bar.update(len(group))
+            for i in group:
+                del prepared[i]
+
+        # A stream: worker threads prepare a bounded number of items ahead while the model runs
+        # the batch before them, so host memory holds one batch plus the look-ahead.
+        ahead = 2 * workers
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            submit = lambda i: pool.submit(self._try_prepare, items[i], i, truncate, plan is not None)  # noqa: E731
+            pending = [submit(i) for i in range(min(ahead, len(items)))]
+            for i in range(len(items)):
+                result = pending[i].result()
+                pending[i] = None
+                if i + ahead < len(items):
+                    pending.append(submit(i + ahead))
+                if isinstance(result, ItemError):
+                    failures[i] = result
+                    bar.update(1)
+                elif failures and on_error == "raise":
+                    bar.update(1)  # keep validating, so the error names every bad item, but embed nothing
+                else:
+                    prepared[i] = result
+                    done = budget.add(i, result.cost + room)
+                    if done:
+                        run(done)
+            run(budget.flush())
         bar.close()
         if failures and on_error == "raise":
             raise EncodeError(sorted(failures.values(), key=lambda f: f.index))
@@ -273,11 +292,21 @@ class Encoder:
                 raise EncodeError([failure]) from err
             failures[indices[0]] = failure
             return
+        finite = torch.isfinite(y).all(dim=-1).cpu().tolist()
+        if not all(finite):  # e.g. fp16 overflow: an error for that item, never a NaN "success"
+            bad = [ItemError(i, "model produced non-finite values (overflow in this dtype?)")
+                   for i, ok in zip(indices, finite) if not ok]
+            if on_error == "raise":
+                raise EncodeError(bad)
+            failures.update((f.index, f) for f in bad)
         if dim is not None:
             y = y[:, :dim]
         if normalize:
             y = F.normalize(y.float(), dim=-1)
-        out[indices] = y.cpu().numpy()
+        rows = y.float().cpu().numpy()
+        for row, (i, ok) in enumerate(zip(indices, finite)):
+            if ok:
+                out[i] = rows[row]
 
 
 # ---------------------------------------------------------------------------- loading

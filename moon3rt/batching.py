@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -11,27 +11,35 @@ from .model import PackedBatch
 from .prompt import PreparedItem
 
 
-def plan_batches(
-    costs: Sequence[int], max_batch_tokens: int, max_batch_items: int | None = None
-) -> Iterator[list[int]]:
-    """Group item indices, in order, so each group's summed cost stays within the budget.
+class TokenBudget:
+    """Groups items, in arrival order, so that each group's summed cost stays within a budget.
 
-    An item whose cost alone exceeds the budget forms a batch by itself; the budget bounds
-    every other batch, so one huge item cannot inflate the batches around it.
+    An item whose cost alone exceeds the budget forms a group by itself; the budget bounds
+    every other group, so one huge item cannot inflate the batches around it. `max_items`
+    caps the count as well.
     """
-    if max_batch_tokens <= 0:
-        raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
-    group: list[int] = []
-    total = 0
-    for index, cost in enumerate(costs):
-        full = max_batch_items is not None and len(group) >= max_batch_items
-        if group and (total + cost > max_batch_tokens or full):
-            yield group
-            group, total = [], 0
-        group.append(index)
-        total += cost
-    if group:
-        yield group
+
+    def __init__(self, max_tokens: int, max_items: int | None = None):
+        if max_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be positive, got {max_tokens}")
+        self.max_tokens, self.max_items = max_tokens, max_items
+        self.group: list[int] = []
+        self.cost = 0
+
+    def add(self, index: int, cost: int) -> list[int] | None:
+        """Add an item; returns the group that is complete without it, if there is one."""
+        done = None
+        full = self.max_items is not None and len(self.group) >= self.max_items
+        if self.group and (self.cost + cost > self.max_tokens or full):
+            done = self.flush()
+        self.group.append(index)
+        self.cost += cost
+        return done
+
+    def flush(self) -> list[int]:
+        """The group gathered so far (possibly empty); starts a new one."""
+        done, self.group, self.cost = self.group, [], 0
+        return done
 
 
 def _offsets(lengths: Iterable[int]) -> torch.Tensor:
