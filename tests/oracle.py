@@ -1,10 +1,18 @@
-"""transformers' Qwen2-VL as the oracle: build it from our config, run one item at a time."""
+"""transformers' Qwen2-VL as the oracle: build it from our config, run one item at a time;
+`ReferenceProcessor` is its image processor (the PIL backend where it is a class of its own)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLModel
+
+try:  # transformers >= 5 with the PIL backend as its own class
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil as ReferenceProcessor,
+    )
+except ImportError:  # the older layout; if this is missing too, collection fails loudly
+    from transformers import Qwen2VLImageProcessor as ReferenceProcessor
 
 from moon3rt.config import Moon3Config
 from moon3rt.prompt import PreparedItem
