@@ -47,6 +47,8 @@ from moon3rt.kernels.swiglu import swiglu_packed, swiglu_packed_ref  # noqa: E40
 from moon3rt.kernels.varlen_attention import varlen_attention, varlen_attention_ref  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reporting import git_commit  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 
 @dataclass
@@ -201,16 +203,6 @@ def build_cases(cfg: Moon3Config, items: int, device: torch.device, dtype: torch
     return cases
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "") if sha else "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="preset (default: moon3-2b on GPU, moon3-tiny on CPU)")
@@ -241,10 +233,23 @@ def main(argv: list[str] | None = None) -> int:
           f", {dtype}, {cfg_name(args, gpu)}, {items} items per batch")
     print(f"# measured limits: {limits['bandwidth_gbs']:.0f} GB/s copy, {limits['matmul_tflops']:.1f} TFLOP/s "
           f"{limits['matmul_dtype']} matmul")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if gpu else "cpu-smoke"
+    path = out_dir / f"kernels-{tag}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    record = {
+        "benchmark": "kernels",
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": card, "device_type": device.type, "interpreter": not gpu,
+        "dtype": str(dtype).replace("torch.", ""), "model": cfg_name(args, gpu), "items": items,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+                     "cuda": torch.version.cuda, "driver": _driver()},
+        "commit": git_commit(), "limits": limits, "results": [],
+    }
+    rows = record["results"]
     header = f"{'op':<26} {'shape':<44} {'triton ms':>9} {'torch ms':>9} {'compile ms':>10} {'speedup':>7} " \
              f"{'achieved':>14} {'% limit':>7}"
     print(header)
-    rows = []
     for case in cases:
         row = {"op": case.name, "shape": case.shape, "bytes": case.bytes, "flops": case.flops}
         try:
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             row["error"] = f"{type(err).__name__}: {err}"[:300]
             print(f"{case.name:<26} {case.shape:<44} failed: {row['error']}")
             rows.append(row)
+            path.write_text(json.dumps(record, indent=2, default=_json_default))
             continue
         secs = row["triton_ms"] / 1e3
         if case.flops:
@@ -278,20 +284,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{speedup:6.2f}x {achieved:>14} {row['pct_limit']:6.1f}%"
               + (f"  (SDPA flash, padded: {row['sdpa_padded_ms']:.3f} ms)" if "sdpa_padded_ms" in row else ""))
         rows.append(row)
-
-    record = {
-        "benchmark": "kernels",
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": card, "device_type": device.type, "interpreter": not gpu,
-        "dtype": str(dtype).replace("torch.", ""), "model": cfg_name(args, gpu), "items": items,
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
-                     "cuda": torch.version.cuda, "driver": _driver()},
-        "commit": git_commit(), "limits": limits, "results": rows,
-    }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if gpu else "cpu-smoke"
-    path = out_dir / f"kernels-{tag}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(record, indent=2, default=_json_default))  # partial results survive a timeout
     path.write_text(json.dumps(record, indent=2, default=_json_default))
     print(f"# wrote {path}")
     return 1 if any("error" in r for r in rows) else 0
