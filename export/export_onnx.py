@@ -127,10 +127,14 @@ def export_onnx(
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
     dynamo: bool = False,
+    plugins: bool = False,
 ) -> Path:
     """Export to `path` (ONNX, fp32) plus its sidecar ``<stem>.json``; returns `path`.
 
     vision=False exports the text-only graph (no pixel inputs, no vision weights).
+    plugins=True exports the plugin graph: the same inputs and output, with FIRE and MHMF
+    as ``moon3rt`` custom nodes for TensorRT plugins (export/plugins.py); it needs the
+    TorchScript-based exporter (dynamo=False).
     dynamo=True uses torch's torch.export-based exporter instead (needs onnxscript; opset
     18 or newer); it gives the same inputs and results, about ten times slower to export.
     Raises `ExportError` for an unsupported opset or model.
@@ -142,6 +146,8 @@ def export_onnx(
 
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
+    if dynamo and plugins:
+        raise ExportError("the plugin graph needs the TorchScript-based exporter (dynamo=False)")
     if dynamo:
         if opset < 18:
             raise ExportError(f"the dynamo exporter writes opset 18 or newer, not {opset}")
@@ -160,7 +166,12 @@ def export_onnx(
     source_dtype = next(source.parameters()).dtype
     model = fp32_model(source)
     device = next(model.parameters()).device
-    wrapper = OnnxMoon3(model, vision=vision).eval()
+    if plugins:
+        from moon3rt.export.plugin_model import PluginMoon3
+
+        wrapper = PluginMoon3(model, vision=vision).eval()
+    else:
+        wrapper = OnnxMoon3(model, vision=vision).eval()
 
     batch = example_batch(cfg)
     if not vision:
@@ -170,12 +181,19 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     proto = _trace(wrapper, args, path.parent, opset, dynamo)
+    if plugins:
+        from moon3rt.export.plugins import check_plugin_graph
+
+        check_plugin_graph(proto)
+        width = proto.graph.output[0].type.tensor_type.shape.dim[1]  # torch cannot infer it past custom nodes
+        width.Clear()
+        width.dim_value = cfg.output_dim
     names = [i.name for i in proto.graph.input]  # the inputs the graph uses (unused ones are dropped)
     dims = dim_ranges(cfg, vision, max_batch_tokens, max_batch_items)
     inputs = describe_inputs({name: example[name] for name in names})
     sidecar = {
         "format": "moon3rt-onnx/1",
-        "graph": "full" if vision else "text-only",
+        "graph": ("full" if vision else "text-only") + ("+plugins" if plugins else ""),
         "model_file": path.name,
         "opset": opset,
         "exporter": f"torch.onnx.export(dynamo={dynamo}), torch {torch.__version__}",
@@ -247,9 +265,18 @@ def _trace(wrapper: OnnxMoon3, args: tuple, workdir: Path, opset: int, dynamo: b
                 torch.onnx.export(
                     wrapper, args, str(traced), **legacy, opset_version=opset, input_names=names,
                     output_names=[OUTPUT], dynamic_axes={n: DIM_AXES[n] for n in (*names, OUTPUT)},
-                    do_constant_folding=True,
+                    do_constant_folding=True, **_custom_opsets(wrapper),
                 )
         return onnx.load(str(traced))  # reads any external tensors into the proto
+
+
+def _custom_opsets(wrapper: OnnxMoon3) -> dict:
+    """The plugin graph imports the ``moon3rt`` opset for its custom nodes."""
+    if type(wrapper) is OnnxMoon3:
+        return {}
+    from moon3rt.export.plugins import DOMAIN, VERSION
+
+    return {"custom_opsets": {DOMAIN: int(VERSION)}}
 
 
 def _text_part(batch: PackedBatch) -> PackedBatch:
@@ -274,12 +301,22 @@ def _version() -> str:
 
 def compare_with_torch(path: str | os.PathLike, model: Moon3Model, batch: PackedBatch,
                        vision: bool = True) -> tuple[float, float]:
-    """(max abs error, min cosine) of onnxruntime (CPU) against `Moon3Model.forward` on `batch`."""
-    import onnxruntime
+    """(max abs error, min cosine) of onnxruntime (CPU) against `Moon3Model.forward` on `batch`.
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    A plugin graph runs in onnx's reference evaluator instead, each custom node replaced
+    by its plain-torch reference (`moon3rt.export.plugins.reference_evaluator`)."""
+    import onnx
+    import onnxruntime
+    from moon3rt.export.plugins import plugin_nodes, reference_evaluator
+
     inputs = export_inputs(batch, model.cfg, vision=vision)
-    got = session.run([OUTPUT], {i.name: inputs[i.name] for i in session.get_inputs()})[0]
+    proto = onnx.load(str(path))
+    if plugin_nodes(proto):
+        evaluator = reference_evaluator(proto)
+        got = evaluator.run([OUTPUT], {name: inputs[name] for name in evaluator.input_names})[0]
+    else:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run([OUTPUT], {i.name: inputs[i.name] for i in session.get_inputs()})[0]
     with torch.no_grad():
         ref = model(batch).float().cpu().numpy()
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
@@ -299,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="upper bound of B recorded in the metadata")
     parser.add_argument("--dynamo", action="store_true",
                         help="use torch's torch.export-based exporter (needs onnxscript; --opset 18 or newer)")
+    parser.add_argument("--plugins", action="store_true",
+                        help="export the plugin graph: FIRE and MHMF as moon3rt custom nodes (TensorRT plugins)")
     parser.add_argument("--verify", action="store_true", help="compare onnxruntime with torch on a synthetic batch")
     args = parser.parse_args(argv)
     try:
@@ -306,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         path = export_onnx(model, args.out, args.opset, vision=not args.text_only, seed=args.seed,
                            max_batch_tokens=args.max_batch_tokens, max_batch_items=args.max_batch_items,
-                           dynamo=args.dynamo)
+                           dynamo=args.dynamo, plugins=args.plugins)
     except (ExportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -321,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = example_batch(model.cfg)
         err, cos = compare_with_torch(path, fp32_model(model), batch if not args.text_only else _text_part(batch),
                                       vision=not args.text_only)
-        print(f"onnxruntime vs torch on a synthetic batch: max abs error {err:.2e}, min cosine {cos:.7f}")
+        runner = "reference evaluator (custom nodes by their torch references)" if args.plugins else "onnxruntime"
+        print(f"{runner} vs torch on a synthetic batch: max abs error {err:.2e}, min cosine {cos:.7f}")
     return 0
 
 

@@ -140,7 +140,7 @@ class OnnxMoon3(nn.Module):
             image_row = (is_image.to(torch.int64).cumsum(0) - 1).clamp(min=0)
             h = torch.where(is_image[:, None], v.to(h.dtype)[image_row], h)
             if model.fire is not None:
-                r = model.fire.prologue(z)
+                r = self._fire_prologue(z)
         raw = h  # X_img (image tokens) and X_txt (title tokens) for MHMF
         cos, sin = lm.rotary(position_ids, h.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -157,9 +157,7 @@ class OnnxMoon3(nn.Module):
             h = h + attn.o_proj(_attention(q, k, val, allowed).reshape(-1, attn.num_heads * attn.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             if r is not None and i in fire_slots:
-                fire, slot = model.fire, fire_slots[i]
-                delta = torch.tanh(fire.alpha[slot].float()) * (r.float() @ fire.up[slot].float())
-                h = torch.where(is_image[:, None], (h.float() + delta[image_row]).to(h.dtype), h)
+                h = self._fire_inject(h, r, is_image, image_row, fire_slots[i], i)
         h = lm.norm(h)
 
         items = torch.ones_like(pool_index).cumsum(0) - 1  # 0..B-1, B taken from pool_index
@@ -174,6 +172,17 @@ class OnnxMoon3(nn.Module):
         if model.projection is not None:
             e = e @ model.projection.weight.float().t()
         return e
+
+    # FIRE and MHMF are methods so that the plugin graph (export/plugin_model.py) can
+    # replace them with custom nodes; everything else is shared by both graphs
+    def _fire_prologue(self, z):
+        return self.model.fire.prologue(z)
+
+    def _fire_inject(self, h, r, is_image, image_row, slot, layer):
+        """H[img] += tanh(alpha_l) R U_l: the k-th image token (image_row) takes row k of the delta."""
+        fire = self.model.fire
+        delta = torch.tanh(fire.alpha[slot].float()) * (r.float() @ fire.up[slot].float())
+        return torch.where(is_image[:, None], (h.float() + delta[image_row]).to(h.dtype), h)
 
     def _fusion(self, e, raw, image_mask, title_mask):
         """MHMF over the packed raw tokens; image_mask/title_mask (B, T) pick each item's X_img/X_txt."""

@@ -8,7 +8,7 @@ import torch
 
 from ..model import Moon3Model, PackedBatch
 
-BACKENDS = ("torch", "triton", "onnxruntime")
+BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt")
 
 
 class Backend(Protocol):
@@ -33,4 +33,8 @@ def create_backend(name: str, model: Moon3Model, device: torch.device) -> Backen
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(model, device)
+    if name == "tensorrt":  # needs CUDA and TensorRT (or TensorRT-RTX); imported only when asked for
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(model, device)
     raise ValueError(f"unknown backend {name!r}; available backends: {list(BACKENDS)}")

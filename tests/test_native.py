@@ -1,0 +1,198 @@
+"""libmoon3rt_kernels: configured and built with CMake here, loaded with ctypes.
+
+The build needs cmake, a C compiler and the CUDA toolkit's cuda.h, but no GPU: Triton
+compiles the kernels for a named arch and the library opens libcuda.so.1 only when a
+kernel is launched. Missing build tools fail the test with what to install (CI must
+have them). On a GPU (`-m gpu`) every kernel variant is launched through ctypes on torch
+CUDA tensors and compared with the same kernel launched by Triton.
+"""
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from moon3rt.export.triton_aot import entry_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "fp32": ctypes.c_float}
+HAS_CUDA = torch.cuda.is_available()
+
+
+class Image(ctypes.Structure):
+    _fields_ = [("arch", ctypes.c_int), ("is_ptx", ctypes.c_int), ("shared_bytes", ctypes.c_int),
+                ("data", ctypes.c_void_p), ("size", ctypes.c_size_t)]
+
+
+class Kernel(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("entry", ctypes.c_char_p), ("signature", ctypes.c_char_p),
+                ("num_params", ctypes.c_int), ("num_hidden", ctypes.c_int), ("num_warps", ctypes.c_int),
+                ("num_images", ctypes.c_int), ("images", ctypes.POINTER(Image))]
+
+
+def _cuda_header() -> Path | None:
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and (Path(base) / "include/cuda.h").exists():
+            return Path(base) / "include/cuda.h"
+    nvcc = shutil.which("nvcc")
+    if nvcc and (Path(nvcc).resolve().parents[1] / "include/cuda.h").exists():
+        return Path(nvcc).resolve().parents[1] / "include/cuda.h"
+    return None
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """(library, manifest) built for this GPU's arch (sm_90 without one), fp32 (+ bf16 on a GPU)."""
+    missing = [tool for tool in ("cmake", "cc") if shutil.which(tool) is None]
+    header = _cuda_header()
+    if missing or header is None:
+        pytest.fail(f"building libmoon3rt_kernels needs cmake >= 3.24, a C compiler and the CUDA toolkit headers "
+                    f"(cuda.h); missing: {missing + ([] if header else ['cuda.h'])}. Install them (apt install "
+                    f"cmake gcc, and the CUDA toolkit) or point CUDA_HOME at one")
+    arch = "".join(map(str, torch.cuda.get_device_capability())) if HAS_CUDA else "90"
+    dtypes = "fp32;bf16" if HAS_CUDA else "fp32"
+    build = tmp_path_factory.mktemp("native-build")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
+                 f"-DMOON3RT_ARCHS={arch}", f"-DMOON3RT_DTYPES={dtypes}", f"-DCUDAToolkit_ROOT={header.parents[1]}"]
+    for command in (configure, ["cmake", "--build", str(build), "-j", "2"]):
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    library = build / "libmoon3rt_kernels.so"
+    manifest = json.loads((build / "gen/manifest.json").read_text())
+    return library, manifest
+
+
+def _bind(lib, spec):
+    fn = getattr(lib, spec["name"])
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 3 + [
+        ctypes.c_uint64 if t.startswith("*") else CTYPES[t] for t in spec["parameters"].values()]
+    return fn
+
+
+def test_library_loads_without_a_gpu_and_exports_every_kernel(native):
+    library, manifest = native
+    lib = ctypes.CDLL(str(library))
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(library)], capture_output=True, text=True,
+                               check=True).stdout
+    assert " cu" not in undefined  # no driver symbol is linked: libcuda is opened at the first launch
+    lib.moon3rt_kernel_count.restype = ctypes.c_int
+    lib.moon3rt_kernel_at.restype = ctypes.POINTER(Kernel)
+    lib.moon3rt_find_kernel.restype = ctypes.POINTER(Kernel)
+    specs = manifest["kernels"]
+    assert lib.moon3rt_kernel_count() == len(specs) == 10 * len(manifest["dtypes"])
+    for i, spec in enumerate(specs):
+        _bind(lib, spec)  # the launch function exists
+        k = lib.moon3rt_kernel_at(i).contents
+        assert k.name.decode() == spec["name"] and k.entry.decode() == spec["entry"]
+        assert lib.moon3rt_find_kernel(spec["name"].encode()).contents.entry == k.entry
+        assert k.num_params == len(spec["parameters"]) and k.num_hidden == spec["hidden_parameters"] == 2
+        assert k.num_warps == spec["num_warps"] == 8
+        images = [k.images[j] for j in range(k.num_images)]
+        assert {str(im.arch): im.shared_bytes for im in images if not im.is_ptx} == spec["shared_bytes"]
+        assert sorted(im.arch for im in images if not im.is_ptx) == manifest["archs"]
+        (ptx,) = [im for im in images if im.is_ptx]
+        text = ctypes.string_at(ptx.data, ptx.size).rstrip(b"\0").decode()
+        # the embedded PTX's entry takes exactly what the C function passes, scratch pointers last
+        want = ["ptr" if t.startswith("*") else t for t in spec["parameters"].values()] + ["ptr", "ptr"]
+        assert entry_parameters(text, spec["entry"]) == want, spec["name"]
+        for im in images:
+            if not im.is_ptx:
+                assert ctypes.string_at(im.data, 4) == b"\x7fELF"  # a cubin
+    assert not lib.moon3rt_kernel_at(len(specs))
+
+
+def test_launch_without_a_driver_returns_an_error(native):
+    if HAS_CUDA:
+        pytest.skip("a CUDA device is present: the launches are checked by the gpu test")
+    library, manifest = native
+    lib = ctypes.CDLL(str(library))
+    lib.moon3rt_error_string.restype = ctypes.c_char_p
+    spec = manifest["kernels"][0]
+    launch = _bind(lib, spec)
+    args = [0 if t.startswith("*") else 1 for t in spec["parameters"].values()]
+    code = launch(None, 1, 1, 1, *args)
+    if not lib.moon3rt_driver_available():
+        assert code == -1 and b"libcuda.so.1" in lib.moon3rt_error_string(code)
+    else:  # a driver without a device: the driver's own error code
+        assert code != 0
+
+
+# ---------------------------------------------------------------------------- on a GPU
+def _variant(manifest, kernel, dtype, block):
+    suffix = {"fire_prologue": "r", "fire_inject": "r", "fusion_scores": "h", "fusion_pool": "h"}[kernel]
+    name = f"moon3rt_{kernel}_{dtype}_{suffix}{block}"
+    return next(k for k in manifest["kernels"] if k["name"] == name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_launches_match_triton(native, dtype):
+    import triton
+    from moon3rt.kernels.fire import fire_inject_, fire_prologue
+    from moon3rt.kernels.fusion_attention import fusion_attention
+
+    library, manifest = native
+    lib = ctypes.CDLL(str(library))
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    stream = torch.cuda.current_stream().cuda_stream
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = {"device": "cuda", "dtype": dtype}
+
+    # FIRE prologue: N = 300 rows, K = 5120, rank 64
+    z = torch.randn(300, 5120, generator=g, device="cuda").to(dtype)
+    norm = (1 + 0.1 * torch.randn(5120, generator=g, device="cuda")).to(dtype)
+    w = (torch.randn(64, 5120, generator=g, device="cuda") / 70).to(dtype)
+    out = torch.empty(300, 64, **dev)
+    fn = _bind(lib, _variant(manifest, "fire_prologue", name, 64))
+    assert fn(stream, triton.cdiv(300, 64), 1, 1, z.data_ptr(), z.stride(0), norm.data_ptr(), w.data_ptr(),
+              w.stride(0), out.data_ptr(), out.stride(0), 300, 5120, 64, 1e-6) == 0
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, fire_prologue(z, norm, w, 1e-6))  # same kernel: equal up to rounding
+
+    # FIRE injection into 300 of 1000 rows of d = 1536
+    hidden = torch.randn(1000, 1536, generator=g, device="cuda").to(dtype)
+    rows = torch.randperm(1000, generator=g, device="cuda")[:300]
+    up = (torch.randn(64, 1536, generator=g, device="cuda") / 8).to(dtype)
+    alpha = torch.tensor([0.3], device="cuda")
+    want = hidden.clone()
+    fire_inject_(want, rows, out, up, alpha)
+    scale = torch.tanh(alpha)
+    fn = _bind(lib, _variant(manifest, "fire_inject", name, 64))
+    assert fn(stream, triton.cdiv(300, 64), triton.cdiv(1536, 64), 1, hidden.data_ptr(), hidden.stride(0),
+              rows.data_ptr(), out.data_ptr(), out.stride(0), up.data_ptr(), up.stride(0), scale.data_ptr(),
+              300, 64, 1536) == 0
+    torch.cuda.synchronize()
+    torch.testing.assert_close(hidden, want)
+
+    # MHMF pooling: 5 items, 8 heads, d = 1536, some empty segments
+    lens_img, lens_txt = [256, 0, 64, 300, 1], [30, 12, 0, 7, 0]
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32,
+                                   device="cuda")
+    cu_img, cu_txt = cu(lens_img), cu(lens_txt)
+    x_img = torch.randn(sum(lens_img), 1536, generator=g, device="cuda").to(dtype)
+    x_txt = torch.randn(sum(lens_txt), 1536, generator=g, device="cuda").to(dtype)
+    q = torch.randn(5, 8, 1536, generator=g, device="cuda") / 40
+    gate = torch.randn(5, 8, 2, generator=g, device="cuda")
+    want = fusion_attention(q, x_img, cu_img, x_txt, cu_txt, gate)
+    s_img = torch.empty(8, x_img.shape[0], device="cuda")
+    s_txt = torch.empty(8, x_txt.shape[0], device="cuda")
+    row_max, row_sum = torch.empty(5, 2, 8, device="cuda"), torch.empty(5, 2, 8, device="cuda")
+    mix = torch.empty(5, 8, 1536, **dev)
+    sizes = (8, 1536, x_img.shape[0], x_txt.shape[0])
+    common = (x_img.data_ptr(), x_img.stride(0), cu_img.data_ptr(), s_img.data_ptr(), x_txt.data_ptr(),
+              x_txt.stride(0), cu_txt.data_ptr(), s_txt.data_ptr(), row_max.data_ptr(), row_sum.data_ptr())
+    fn = _bind(lib, _variant(manifest, "fusion_scores", name, 16))
+    assert fn(stream, 5, 2, 1, q.data_ptr(), q.stride(0), q.stride(1), *common, *sizes) == 0
+    fn = _bind(lib, _variant(manifest, "fusion_pool", name, 16))
+    assert fn(stream, triton.cdiv(1536, 64), 5, 1, *common, gate.data_ptr(), gate.stride(0), gate.stride(1),
+              mix.data_ptr(), mix.stride(0), mix.stride(1), *sizes) == 0
+    torch.cuda.synchronize()
+    torch.testing.assert_close(mix, want)
