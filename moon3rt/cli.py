@@ -37,7 +37,7 @@ def read_jsonl(path: Path) -> tuple[list, list]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             items.append(ValueError(f"line {n + 1} is not valid JSON: {err.msg}"))
-            ids.append(None)
+            ids.append(f"line {n + 1}")
             continue
         if isinstance(obj, dict):
             obj = dict(obj)
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--batch-size", type=int, default=64)
     enc.add_argument("--max-batch-tokens", type=int, default=16384)
     enc.add_argument("--dim", type=int, default=None, help="Matryoshka truncation (default: full)")
-    enc.add_argument("--strict", action="store_true", help="stop at the first bad item instead of skipping")
+    enc.add_argument("--strict", action="store_true",
+                     help="embed nothing if any item is bad (every bad item is named) instead of skipping bad items")
     enc.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=None,
                      help="generate the product's attributes before embedding (default: the checkpoint's "
                      "moon3.reasoning.enabled); the texts go to a .reasoning.jsonl sidecar beside a .npy "

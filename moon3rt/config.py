@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -439,13 +440,27 @@ def detect_flavour(raw: dict[str, Any]) -> str:
     """
     if raw.get("moon3") is not None:
         return "moon3"
-    names = " ".join(str(a) for a in raw.get("architectures") or []) + " " + str(raw.get("_name_or_path", ""))
-    if "min_image_tokens" in raw or "max_image_tokens" in raw or "gme" in names.lower():
+    # "gme" as a word of the checkpoint's name (not inside "segmentation"), or a Gme* architecture class
+    path_says_gme = re.search(r"(^|[^a-z0-9])gme([^a-z0-9]|$)", str(raw.get("_name_or_path", "")).lower())
+    arch_says_gme = any(str(a).startswith(("Gme", "GME")) for a in raw.get("architectures") or [])
+    if "min_image_tokens" in raw or "max_image_tokens" in raw or path_says_gme or arch_says_gme:
         return "gme"
     return "qwen2-vl"
 
 
 def _moon3_from_dict(raw: dict[str, Any]) -> Moon3HeadConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the moon3 block must be an object, got {type(raw).__name__}")
+    try:
+        return _parse_moon3(raw)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise ConfigError(f"malformed moon3 block in config.json: {what}") from None
+
+
+def _parse_moon3(raw: dict[str, Any]) -> Moon3HeadConfig:
     known = {f.name for f in dataclasses.fields(Moon3HeadConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -453,7 +468,7 @@ def _moon3_from_dict(raw: dict[str, Any]) -> Moon3HeadConfig:
     fire = raw.get("fire", None)
     fusion = raw.get("fusion", None)
     return Moon3HeadConfig(
-        embed_token_id=raw.get("embed_token_id"),
+        embed_token_id=None if raw.get("embed_token_id") is None else _int(raw["embed_token_id"], "embed_token_id"),
         pooling=raw.get("pooling", "emb_token"),
         fire=FireConfig(
             layers=[int(x) for x in fire.get("layers", [])],
@@ -468,6 +483,12 @@ def _moon3_from_dict(raw: dict[str, Any]) -> Moon3HeadConfig:
         instruction=raw.get("instruction", DEFAULT_INSTRUCTION),
         reasoning=_reasoning_from_dict(raw.get("reasoning") or {}),
     )
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"moon3.{key} must be an integer, got {value!r}")
+    return value
 
 
 def _reasoning_from_dict(raw: dict[str, Any]) -> ReasoningConfig:

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
+MIN_IMAGE_SIDE = 2
 # Above PIL's own process-wide limit (about 179M pixels) so that a 20000 x 20000 photo
 # (400M pixels, 1.2 GB as RGB) is accepted.
 DEFAULT_MAX_IMAGE_PIXELS = 500_000_000
@@ -118,10 +119,11 @@ def _to_rgb(img: Image.Image, composite_alpha: bool = True) -> Image.Image:
     """Any PIL mode to RGB, as transformers' `convert_to_rgb` does, except for 16-bit grey.
 
     Transparency (an "A" band, or a `transparency` entry as in P or tRNS images) is
-    composited on white, like transformers. 16-bit grey (I;16*, and I, which older
-    Pillow uses for 16-bit PNGs) is scaled to 8 bits as round(v * 255 / 65535); PIL's
-    convert (and so transformers) clips at 255 instead, which turns most 16-bit photos
-    white. Everything else (L, 1, P, CMYK, YCbCr, F clipped to 0..255, ...) uses PIL's
+    composited on white, like recent transformers releases (5.17 still dropped alpha: a
+    transparent product shot then shows whatever colour its invisible pixels hold). 16-bit
+    grey (I;16*, and I, which older Pillow uses for 16-bit PNGs) is scaled to 8 bits as
+    round(v * 255 / 65535); PIL's convert (and so transformers) clips at 255 instead, which
+    turns most 16-bit photos white. Everything else (L, 1, P, CMYK, YCbCr, F clipped to 0..255, ...) uses PIL's
     convert. With `composite_alpha=False` transparency is dropped (PIL's plain convert),
     which is what GME's published code does before its processor.
     """
@@ -325,6 +327,10 @@ def preprocess_image(
     height, width = smart_resize(
         image.height, image.width, patch_size * merge_size, min_pixels, max_pixels
     )
+    if min(image.size) < MIN_IMAGE_SIDE:  # a line of pixels is no product photo: refuse, do not blow it up
+        raise ImageError(
+            f"image is {image.width}x{image.height} pixels; each side needs at least {MIN_IMAGE_SIDE}"
+        )
     if (width, height) != image.size:
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     pixels = np.asarray(image)  # (H, W, 3) uint8

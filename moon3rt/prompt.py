@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,12 +113,19 @@ class PromptBuilder:
                     f"config {key}={getattr(cfg, key)} but the tokenizer gives {tok} the id {ids[tok]}"
                 )
         self.image_pad_id = ids["<|image_pad|>"]
+        if tokenizer.get_vocab_size() > cfg.text.vocab_size:  # an id past the embedding table would crash mid-batch
+            raise ValueError(
+                f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+                f"{cfg.text.vocab_size}: they do not belong together"
+            )
         if cfg.pooling == "emb_token":
             self.pool_token = tokenizer.id_to_token(cfg.moon3.embed_token_id)
             if self.pool_token is None:
                 raise ValueError(f"moon3.embed_token_id={cfg.moon3.embed_token_id} is not in the tokenizer")
+            self.pool_id = cfg.moon3.embed_token_id
         else:
             self.pool_token = "<|endoftext|>"
+            self.pool_id = ids["<|endoftext|>"]
         self.merge = cfg.vision.spatial_merge_size
         self.title_tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
         self.title_tokenizer.encode_special_tokens = True
@@ -159,9 +165,11 @@ class PromptBuilder:
             r = self.cfg.reasoning
             tail = f"{r.prompt}<|im_end|>\n<|im_start|>assistant\n{r.start_marker}\n"
         else:
-            tail = f"<|im_end|>\n<|im_start|>assistant\n{self.pool_token}"
+            tail = "<|im_end|>\n<|im_start|>assistant\n"
         head_ids = self.tokenizer.encode(head, add_special_tokens=False).ids
         tail_ids = self.tokenizer.encode(tail, add_special_tokens=False).ids
+        if not reasoning:  # the pool token by id: its text need not survive a round trip through BPE
+            tail_ids = tail_ids + [self.pool_id]
         # The title is user text: special-token strings in it ("<|im_end|>", "<emb>") are
         # ordinary characters, never template structure.
         title_ids = self.title_tokenizer.encode(title or "", add_special_tokens=False).ids

@@ -214,3 +214,33 @@ def test_huge_jpeg_embedded_with_bounded_memory(huge_jpeg):
     assert gh * gw * 14 * 14 <= 28 * 28 * 64 and gh == gw  # scaled down to max_pixels, square kept
     # 6000 x 6000 RGB is 108 MB decoded in full; the JPEG decoder's draft mode avoids that
     assert result["grown_mb"] < 100, f"peak RSS grew by {result['grown_mb']:.0f} MB"
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3), (1, 1, 3), (7, 1, 3)])
+def test_one_pixel_wide_images_are_refused(encoder, shape):
+    result = encoder.encode_with_report(["ok", np.full(shape, 100, np.uint8)])
+    (failure,) = result.failures
+    assert failure.index == 1 and "each side needs at least 2" in failure.reason
+    assert np.isfinite(result.embeddings[0]).all()
+
+
+def test_a_bare_array_is_not_taken_for_a_list_of_items(encoder):
+    with pytest.raises(TypeError, match="wrap a single item in a list"):
+        encoder.encode(np.zeros((60, 80, 3), np.uint8))
+
+
+def test_non_finite_model_output_is_an_item_error(encoder, monkeypatch):
+    real = encoder.backend.embed
+
+    def poisoned(batch):
+        y = real(batch).clone()  # out of inference mode: a normal tensor to edit
+        y[0] = float("nan")
+        return y
+
+    monkeypatch.setattr(encoder.backend, "embed", poisoned)
+    result = encoder.encode_with_report(["first", "second"], batch_size=2)
+    assert [f.index for f in result.failures] == [0]
+    assert "non-finite" in result.failures[0].reason
+    assert np.isnan(result.embeddings[0]).all() and np.isfinite(result.embeddings[1]).all()
+    with pytest.raises(moon3rt.EncodeError, match="item 0: model produced non-finite values"):
+        encoder.encode(["first", "second"], batch_size=2)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracle import hf_config, hf_last_hidden, random_hf_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2VLForConditionalGeneration
@@ -18,8 +19,6 @@ from moon3rt.batching import pack
 from moon3rt.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, load_model, save_model
 from moon3rt.config import ConfigError, Moon3Config
 from moon3rt.model import random_model
-
-from oracle import hf_config, hf_last_hidden, random_hf_model
 
 TOKENIZER = Path(moon3rt.__file__).parent / "assets" / "moon3-tiny" / "tokenizer.json"
 HF_ATOL = 1e-4  # fp32, ours vs transformers
@@ -319,3 +318,39 @@ def test_moon3_block_detected(tiny_model, tmp_path):
     encoder = moon3rt.load(tmp_path)
     assert encoder.config.flavour == "moon3" and encoder.config.uses_mrope and encoder.dim == 48
     assert moon3rt.load(tmp_path, flavour="gme").config.flavour == "gme"
+
+
+def test_tokenizer_larger_than_the_vocabulary_fails_at_load():
+    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg.text.vocab_size = 300  # the shipped tokenizer has 1024 tokens
+    from moon3rt.model import random_model
+    from moon3rt.prompt import PromptBuilder, load_tokenizer
+
+    with pytest.raises(ValueError, match="tokenizer has 1024 tokens but the model's vocab_size is 300"):
+        PromptBuilder(cfg.validate(), load_tokenizer(moon3rt.api.TINY_TOKENIZER))
+    assert random_model(cfg) is not None  # the model alone is fine; the pair is what is refused
+
+
+@pytest.mark.parametrize("name, flavour", [
+    ("/data/qwen2-vl-2b-augmented", "qwen2-vl"),
+    ("org/qwen2vl-segmentation-ft", "qwen2-vl"),
+    ("Alibaba-NLP/gme-Qwen2-VL-2B-Instruct", "gme"),
+])
+def test_gme_is_detected_by_word_not_substring(name, flavour):
+    from moon3rt.config import detect_flavour
+
+    assert detect_flavour({"_name_or_path": name}) == flavour
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"fusion": {"num_heads": 4}}, "missing key 'head_dim'"),
+    ({"fire": [0, 2]}, "malformed moon3 block"),
+    ({"embed_token_id": "7"}, "must be an integer"),
+])
+def test_malformed_moon3_block_is_a_config_error(block, message):
+    from moon3rt.config import ConfigError
+
+    raw = Moon3Config.from_name("moon3-tiny").to_dict()
+    raw["moon3"] = block
+    with pytest.raises(ConfigError, match=message):
+        Moon3Config.from_dict(raw)

@@ -45,7 +45,7 @@ def test_encode_parquet_has_ids_embeddings_and_errors(tmp_path):
     assert main(["encode", "--input", str(write_items(tmp_path)), "--output", str(out), "--no-progress",
                  "--dim", "16"]) == 0
     table = pq.read_table(out).to_pydict()
-    assert table["id"] == ["a", "1", "None", "d", "e"]
+    assert table["id"] == ["a", "1", "line 3", "d", "e"]
     assert len(table["embedding"][0]) == 16 and table["embedding"][2] is None
     assert table["error"][0] is None and "not found" in table["error"][3]
 
