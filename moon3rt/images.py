@@ -15,6 +15,7 @@ import io
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,12 @@ def _decode_errors():
         raise ImageError(f"cannot decode image: {e}") from None
 
 
+# Decoding a huge non-JPEG file (PNG, TIFF, ...) needs its full size in memory once; one
+# such decode at a time (across encode's worker threads) keeps the peak to one image.
+LARGE_DECODE_PIXELS = 64_000_000
+_LARGE_DECODE = threading.BoundedSemaphore(1)
+
+
 def _decode(data: bytes, max_image_pixels: int, target_pixels: int | None) -> Image.Image:
     if not data:
         raise ImageError("empty image data")
@@ -98,8 +105,29 @@ def _decode(data: bytes, max_image_pixels: int, target_pixels: int | None) -> Im
         _check_pixels(*img.size, max_image_pixels)
         if target_pixels is not None and img.format == "JPEG":
             _draft_jpeg(img, target_pixels)
+        if img.size[0] * img.size[1] > LARGE_DECODE_PIXELS and img.format != "JPEG":
+            with _LARGE_DECODE:
+                img.load()
+                return _reduce_large(img, target_pixels)
         img.load()  # full decode now, so truncation is reported here, not later
     return img
+
+
+def _reduce_large(img: Image.Image, target_pixels: int | None) -> Image.Image:
+    """Shrink a huge decoded image by an integer box factor, keeping at least 2x the
+    target size per side (as the JPEG draft does), so that mode conversion, transparency
+    and the final BICUBIC resize work on a small copy. Used only past LARGE_DECODE_PIXELS,
+    where the processor shrinks the image many times anyway."""
+    if target_pixels is None:
+        return img
+    factor = int(math.sqrt(img.size[0] * img.size[1] / (4 * max(target_pixels, 1))))
+    if factor < 2:
+        return img
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")  # keeps the 16-bit values, which _to_rgb scales later
+    elif img.mode not in ("RGB", "RGBA", "L", "LA", "I", "F"):
+        img = img.convert("RGBA" if "A" in img.getbands() or img.info.get("transparency") is not None else "RGB")
+    return img.reduce(factor)
 
 
 def _draft_jpeg(img: Image.Image, target_pixels: int) -> None:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from crafted import png_header_only
+from oracle import ReferenceProcessor
 from PIL import Image
 
 from moon3rt import images
@@ -28,8 +29,6 @@ from moon3rt.images import (
     preprocess_image,
     smart_resize,
 )
-
-from oracle import ReferenceProcessor
 
 try:  # transformers >= 5 with the PIL backend as its own module
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as ref_smart_resize
@@ -462,3 +461,25 @@ def test_alpha_dropped_for_gme_composited_otherwise():
     rgba = Image.new("RGBA", (30, 20), (200, 10, 10, 0))  # fully transparent red
     assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
     assert load_image(rgba, composite_alpha=False).getpixel((0, 0)) == (200, 10, 10)
+
+
+def test_huge_non_jpeg_is_reduced_right_after_decoding(monkeypatch):
+    """Past LARGE_DECODE_PIXELS a PNG is box-reduced to >= 2x the target per side before any
+    conversion, one such decode at a time; the result stays close to the full-size path."""
+    import moon3rt.images as images
+
+    rgba = np.zeros((200, 300, 4), np.uint8)
+    rgba[..., 0] = 180
+    rgba[:100, :, 3] = 255  # top half opaque red, bottom half transparent
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    target = 28 * 28 * 4
+    full = load_image(buf.getvalue(), target_pixels=target)
+    monkeypatch.setattr(images, "LARGE_DECODE_PIXELS", 1000)
+    small = load_image(buf.getvalue(), target_pixels=target)
+    assert full.size == (300, 200) and small.size == (150, 100)  # factor int(sqrt(60000 / (4 * 3136))) = 2
+    assert small.mode == "RGB"
+    assert small.getpixel((5, 2)) == (180, 0, 0) and small.getpixel((5, 90)) == (255, 255, 255)
+    a = preprocess_image(full, max_pixels=target).pixel_values
+    b = preprocess_image(small, max_pixels=target).pixel_values
+    assert a.shape == b.shape and np.abs(a - b).mean() < 0.05
