@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -24,7 +23,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, Moon3Config
 from .images import CLIP_MEAN, CLIP_STD, ImageError, gme_pre_resize, load_image, preprocess_image
 from .items import Item, ItemError, to_item
-from .model import Moon3Model, random_model
+from .model import Moon3Model, matryoshka, random_model
 from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, load_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -299,11 +298,7 @@ class Encoder:
             if on_error == "raise":
                 raise EncodeError(bad)
             failures.update((f.index, f) for f in bad)
-        if dim is not None:
-            y = y[:, :dim]
-        if normalize:
-            y = F.normalize(y.float(), dim=-1)
-        rows = y.float().cpu().numpy()
+        rows = matryoshka(y, dim, normalize).cpu().numpy()
         for row, (i, ok) in enumerate(zip(indices, finite)):
             if ok:
                 out[i] = rows[row]

@@ -187,7 +187,8 @@ class VisionTower(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
@@ -431,12 +432,17 @@ class Moon3Model(nn.Module):
         return e
 
 
-def embed(model: Moon3Model, batch: PackedBatch, dim: int | None = None, normalize: bool = True) -> torch.Tensor:
-    """Full embedding: forward, Matryoshka truncation to `dim`, L2 normalisation. (B, dim) fp32."""
-    y = model(batch)
+def matryoshka(y: torch.Tensor, dim: int | None = None, normalize: bool = True) -> torch.Tensor:
+    """Output vectors (B, out) -> truncated to the first `dim` features, then L2-normalised, fp32."""
+    y = y.float()
     if dim is not None:
         y = y[:, :dim]
     return F.normalize(y, dim=-1) if normalize else y
+
+
+def embed(model: Moon3Model, batch: PackedBatch, dim: int | None = None, normalize: bool = True) -> torch.Tensor:
+    """Full embedding: forward, Matryoshka truncation to `dim`, L2 normalisation. (B, dim) fp32."""
+    return matryoshka(model(batch), dim, normalize)
 
 
 def random_model(

@@ -219,5 +219,6 @@ class PromptBuilder:
         )
 
     def count_title_tokens(self, title: str) -> int:
-        return len(self.tokenizer.encode(title, add_special_tokens=False).ids)
+        """Tokens the title takes in a prompt (special-token strings count as plain text)."""
+        return len(self.title_tokenizer.encode(title, add_special_tokens=False).ids)
 
