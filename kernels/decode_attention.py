@@ -83,7 +83,9 @@ def _decode_attention_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        rows = offs_n[:, None].to(tl.int64)
+        # offsets within one segment (or cache) fit int32; the base pointer carries the int64
+        # part, and 32-bit per-element offsets keep the tile's address registers (no spills)
+        rows = offs_n[:, None]
         k = tl.load(k_base + rows * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))  # the first block holds key `start` < hi: m stays finite

@@ -63,7 +63,9 @@ def _attend_kv_blocks(
             kv_mask = (offs_n < seq_len)[:, None] & mask_d[None, :]
         else:
             kv_mask = mask_d[None, :]
-        rows = offs_n[:, None].to(tl.int64)
+        # offsets within one segment (or cache) fit int32; the base pointer carries the int64
+        # part, and 32-bit per-element offsets keep the tile's address registers (no spills)
+        rows = offs_n[:, None]
         k = tl.load(k_seg + rows * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK_KEYS:
