@@ -1,16 +1,9 @@
 """Decode attention (one query per item over its KV cache) vs per-item SDPA (kernels/decode_attention.py)."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-
-from moon3rt.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
-from moon3rt.kernels.testing import (  # noqa: E402
+from moon3rt.kernels.decode_attention import decode_attention, decode_attention_ref
+from moon3rt.kernels.testing import (
     assert_close,
     assert_within_baseline,
     interpreter_or_cuda,

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fire import fire_inject_, fire_prologue
 from ..kernels.decode_attention import decode_attention
+from ..kernels.fire import fire_inject_, fire_prologue
 from ..kernels.fusion_attention import fusion_attention
 from ..kernels.layer_norm import layer_norm
 from ..kernels.quick_gelu import bias_quick_gelu
@@ -127,7 +127,7 @@ class TritonBackend:
     def hidden_states(self, batch: PackedBatch, kv_sink=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As `Moon3Model.hidden_states`; `kv_sink(layer, k, v)` receives the rotated k/v."""
         model, cfg = self.model, self.cfg
-        lm, t = model.language_model, cfg.text
+        lm = model.language_model
         # Everything shape-like is read from the host batch, so the forward never waits on the device.
         max_len = _max_len(batch.cu_seqlens.cpu())
         has_images = batch.pixel_values is not None and batch.pixel_values.shape[0] > 0
@@ -145,63 +145,61 @@ class TritonBackend:
             if model.fire is not None:
                 r = fire_prologue(z, model.fire.norm.weight, model.fire.down.weight, model.fire.norm.eps)
         fire_slots = {layer: slot for slot, layer in enumerate(model.fire.layers)} if model.fire is not None else {}
-        n, hq, hk, hd = h.shape[0], t.num_attention_heads, t.num_key_value_heads, t.head_dim
-        out = None  # the sublayer output not yet added to the residual stream h
-        for i, layer in enumerate(lm.layers):
-            norm = layer.input_layernorm
-            if out is None:
-                y = rms_norm(h, norm.weight, norm.eps)
-            else:
-                y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
-            w_qkv, b_qkv = self.qkv[i]
-            qkv = F.linear(y, w_qkv, b_qkv)
-            q = qkv[:, : hq * hd].view(n, hq, hd)
-            k = qkv[:, hq * hd : (hq + hk) * hd].view(n, hk, hd)
-            vv = qkv[:, (hq + hk) * hd :].view(n, hk, hd)
-            apply_mrope_(q, k, batch.position_ids, self.text_inv_freq, t.mrope_section)
+
+        def attend(i, q, k, vv):
             if kv_sink is not None:
                 kv_sink(i, k, vv)
-            attn = varlen_attention(q, k, vv, batch.cu_seqlens, max_len, causal=True)
-            out = F.linear(attn.reshape(n, -1), layer.self_attn.o_proj.weight)
-            norm = layer.post_attention_layernorm
-            y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
-            out = F.linear(swiglu_packed(F.linear(y, self.gate_up[i])), layer.mlp.down_proj.weight)
+            return varlen_attention(q, k, vv, batch.cu_seqlens, max_len, causal=True)
+
+        out = None  # the sublayer output not yet added to the residual stream h
+        for i, layer in enumerate(lm.layers):
+            h, out = self._decoder_layer(i, layer, h, out, batch.position_ids, attend)
             if r is not None and i in fire_slots:
                 h, out = h + out, None
                 slot = fire_slots[i]
                 fire_inject_(h, rows, r, model.fire.up[slot], model.fire.alpha[slot])
-        if out is None:
-            return rms_norm(h, lm.norm.weight, lm.norm.eps), v
-        y, _ = rms_norm(out, lm.norm.weight, lm.norm.eps, residual=h)
-        return y, v
+        return self._final_norm(h, out), v
 
     def decode_step(self, tokens, positions, slots, lengths, cache) -> torch.Tensor:
         """One token per active item (see `moon3rt.generate.TorchDecoder.decode_step`): (A, d)."""
-        lm, t = self.model.language_model, self.cfg.text
-        h = lm.embed_tokens(tokens)
-        n, hq, hk, hd = h.shape[0], t.num_attention_heads, t.num_key_value_heads, t.head_dim
-        out = None
-        for i, layer in enumerate(lm.layers):
-            norm = layer.input_layernorm
-            if out is None:
-                y = rms_norm(h, norm.weight, norm.eps)
-            else:
-                y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
-            qkv = F.linear(y, *self.qkv[i])
-            q = qkv[:, : hq * hd].view(n, hq, hd)
-            k = qkv[:, hq * hd : (hq + hk) * hd].view(n, hk, hd)
-            vv = qkv[:, (hq + hk) * hd :].view(n, hk, hd)
-            apply_mrope_(q, k, positions, self.text_inv_freq, t.mrope_section)
+        lm = self.model.language_model
+
+        def attend(i, q, k, vv):
             cache.k[i, slots, lengths] = k
             cache.v[i, slots, lengths] = vv
-            attn = decode_attention(q, cache.k[i], cache.v[i], slots, lengths + 1, kv_chunk=self.kv_chunk)
-            out = F.linear(attn.reshape(n, -1), layer.self_attn.o_proj.weight)
-            norm = layer.post_attention_layernorm
-            y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
-            out = F.linear(swiglu_packed(F.linear(y, self.gate_up[i])), layer.mlp.down_proj.weight)
+            return decode_attention(q, cache.k[i], cache.v[i], slots, lengths + 1, kv_chunk=self.kv_chunk)
+
+        h, out = lm.embed_tokens(tokens), None
+        for i, layer in enumerate(lm.layers):
+            h, out = self._decoder_layer(i, layer, h, out, positions, attend)
+        return self._final_norm(h, out)
+
+    def _decoder_layer(self, i, layer, h, out, positions, attend):
+        """One decoder layer on the residual stream `h`, whose pending sublayer output `out`
+        (None when there is none) the first norm adds in. Returns the new (h, out)."""
+        t = self.cfg.text
+        n, hq, hk, hd = h.shape[0], t.num_attention_heads, t.num_key_value_heads, t.head_dim
+        norm = layer.input_layernorm
         if out is None:
-            return rms_norm(h, lm.norm.weight, lm.norm.eps)
-        y, _ = rms_norm(out, lm.norm.weight, lm.norm.eps, residual=h)
+            y = rms_norm(h, norm.weight, norm.eps)
+        else:
+            y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
+        qkv = F.linear(y, *self.qkv[i])
+        q = qkv[:, : hq * hd].view(n, hq, hd)
+        k = qkv[:, hq * hd : (hq + hk) * hd].view(n, hk, hd)
+        vv = qkv[:, (hq + hk) * hd :].view(n, hk, hd)
+        apply_mrope_(q, k, positions, self.text_inv_freq, t.mrope_section)
+        out = F.linear(attend(i, q, k, vv).reshape(n, -1), layer.self_attn.o_proj.weight)
+        norm = layer.post_attention_layernorm
+        y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
+        out = F.linear(swiglu_packed(F.linear(y, self.gate_up[i])), layer.mlp.down_proj.weight)
+        return h, out
+
+    def _final_norm(self, h, out):
+        norm = self.model.language_model.norm
+        if out is None:
+            return rms_norm(h, norm.weight, norm.eps)
+        y, _ = rms_norm(out, norm.weight, norm.eps, residual=h)
         return y
 
     # ------------------------------------------------------------------------- heads
