@@ -15,7 +15,8 @@ Two TensorRT flavours, found by import:
   is sm_90. It builds both graphs; the plugin graph (``export_onnx.py --plugins``) needs
   it, because its FIRE and MHMF nodes become TensorRT plugins whose kernels are moon3rt's
   Triton kernels compiled to PTX for that GPU at build time (export/trt_plugins.py).
-  A timing cache file makes rebuilds fast.
+  A timing cache file makes rebuilds fast (one from another TensorRT version or GPU is
+  replaced by a fresh one, with a warning).
 - TensorRT-RTX (``import tensorrt_rtx``; ``pip install tensorrt-rtx-cu13``, ~100 MB).
   Builds the standard-ops graph without any GPU, for the compute capabilities named
   with --compute-capability (TensorRT-RTX 1.7 knows 75, 80, 86, 89, 120, 121: RTX and
@@ -34,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -153,13 +156,16 @@ class BuildReport:
 def build_engine(onnx_path, engine_path, precision: str = "fp16", profiles: list[dict] | int | None = None,
                  timing_cache=None, *, compute_capability: list[int] | None = None, flavour: str | None = None,
                  workspace_gib: float | None = None, optimization_level: int | None = None,
-                 verbose: bool = False) -> BuildReport:
+                 device=None, verbose: bool = False) -> BuildReport:
     """Build `onnx_path` into a serialized engine at `engine_path` (and ``<engine>.json``).
 
     profiles: a list of {dim: (min, opt, max)}, a count for `default_profiles`, or None
     (one profile over the recorded ranges). timing_cache: a file read before and written
-    after the build (full TensorRT). compute_capability: e.g. [89] or [80, 89]; TensorRT-RTX
-    needs it without a GPU, full TensorRT builds for the GPU present and refuses another.
+    after the build (full TensorRT); one written by another TensorRT or GPU is replaced.
+    compute_capability: e.g. [89] or [80, 89]; TensorRT-RTX needs it without a GPU, full
+    TensorRT builds for the GPU present and refuses another. device: the CUDA device full
+    TensorRT builds on (default: the current one); it is made current for the build, so
+    TensorRT and the plugin kernels (export/trt_plugins.py: build_arch) target the same GPU.
     """
     import onnx
     from moon3rt.export.plugins import check_plugin_graph, plugin_nodes
@@ -167,6 +173,13 @@ def build_engine(onnx_path, engine_path, precision: str = "fp16", profiles: list
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     trt, flavour = import_tensorrt(flavour)
+    if flavour == "tensorrt" and device is not None:  # full TensorRT builds on the current device
+        import torch
+
+        with torch.cuda.device(device):
+            return build_engine(onnx_path, engine_path, precision, profiles, timing_cache,
+                                compute_capability=compute_capability, flavour=flavour, workspace_gib=workspace_gib,
+                                optimization_level=optimization_level, verbose=verbose)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     proto = onnx.load(str(onnx_path))
     dims = graph_dims(proto)
@@ -224,7 +237,7 @@ def build_engine(onnx_path, engine_path, precision: str = "fp16", profiles: list
     engine_path.write_bytes(serialized)
     report.engine_bytes = engine_path.stat().st_size
     if cache is not None:
-        Path(timing_cache).write_bytes(memoryview(config.get_timing_cache().serialize()))
+        _save_timing_cache(config, Path(timing_cache))
     report.engine_layers = engine_layer_count(trt, logger, bytes(serialized), report)
     sidecar = {**asdict(report), "onnx": str(onnx_path), "inputs": shapes, "dims": dims}
     engine_path.with_name(engine_path.name + ".json").write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -258,16 +271,41 @@ def _set_targets(trt, flavour, config, compute_capability, report) -> None:
 
 
 def _load_timing_cache(config, path, flavour, report):
+    """The timing cache set on `config`: `path`'s, or a fresh one where there is no file or
+    the file is from another TensorRT version or GPU (a warning says so; the file is
+    replaced after the build)."""
     if path is None:
         return None
     if flavour == "tensorrt_rtx":
         report.notes.append("TensorRT-RTX ignores timing caches; none was read or written")
         return None
     path = Path(path)
-    cache = config.create_timing_cache(path.read_bytes() if path.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = config.create_timing_cache(path.read_bytes()) if path.exists() else None
+    # ignore_mismatch=False: TensorRT refuses a cache recorded elsewhere and returns False
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        if path.exists():
+            message = (f"timing cache {path} does not match this TensorRT version or GPU (or is unreadable); "
+                       "building with a fresh one, which replaces it")
+            warnings.warn(message, stacklevel=3)
+            report.notes.append(message)
+        cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise BuildError("TensorRT refused a fresh, empty timing cache")
     report.timing_cache = str(path)
     return cache
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    """Write the config's timing cache to `path` atomically (concurrent builds may share it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(config.get_timing_cache().serialize()))
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
 
 
 def engine_layer_count(trt, logger, serialized: bytes, report: BuildReport | None = None) -> int | None:
@@ -302,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flavour", choices=FLAVOURS, help="force full TensorRT or TensorRT-RTX (default: first found)")
     parser.add_argument("--workspace-gib", type=float, help="builder workspace limit")
     parser.add_argument("--optimization-level", type=int, help="builder optimization level 0..5")
+    parser.add_argument("--device", help="CUDA device to build on, e.g. cuda:1 (full TensorRT; default: current)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     engine = args.engine or str(Path(args.onnx).with_suffix(".engine"))
@@ -309,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         report = build_engine(args.onnx, engine, args.precision, args.profiles, args.timing_cache,
                               compute_capability=args.compute_capability, flavour=args.flavour,
                               workspace_gib=args.workspace_gib, optimization_level=args.optimization_level,
-                              verbose=args.verbose)
+                              device=args.device, verbose=args.verbose)
     except (TensorRTNotFound, BuildError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

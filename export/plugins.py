@@ -49,6 +49,7 @@ import torch
 from ..kernels.fire import fire_prologue_ref
 
 DOMAIN = "moon3rt"
+# fixed: tensorrt.plugin registers every plugin creator as version "1" (export/trt_plugins.py)
 VERSION = "1"
 # read by TensorRT's ONNX parser to find the plugin and pick its AOT implementation; every custom node has them
 LOOKUP_ATTRIBUTES = {"plugin_namespace": DOMAIN, "plugin_version": VERSION, "aot": 1}
@@ -97,7 +98,8 @@ class PluginSpec:
 def fusion_scores_ref(q, x_img, cu_img, x_txt, cu_txt, num_heads=None):
     """Pass 1 of MHMF pooling: raw scores q~ . x_i of every segment token, and per
     (item, modality, head) the softmax statistics max_i s_i and sum_i exp(s_i - max).
-    An empty segment has max -inf and sum 0; rows outside every segment score 0."""
+    An empty segment has max -inf and sum 0. Rows outside every segment are 0 here; the
+    kernel leaves them unwritten, which is fine because FusionPool never reads them."""
     batch, heads, _ = q.shape
     row_max = torch.full((batch, 2, heads), float("-inf"))
     row_sum = torch.zeros((batch, 2, heads))

@@ -58,17 +58,33 @@ def import_tensorrt_plugin():
     return trt, trtp
 
 
-def build_arch() -> int:
-    """Compute capability (x10) to compile plugin kernels for: $MOON3RT_TRT_ARCH, else the
-    current CUDA device (TensorRT builds for the GPU it runs on)."""
-    if os.environ.get("MOON3RT_TRT_ARCH"):
-        return int(os.environ["MOON3RT_TRT_ARCH"])
+def build_arch(device=None) -> int:
+    """Compute capability (x10) to compile plugin kernels for: the GPU the engine is built
+    on, `device` (a torch device or index; default the current CUDA device, which
+    `build_engine` sets to the device it builds on while TensorRT calls the plugins).
+
+    $MOON3RT_TRT_ARCH names it where there is no GPU (compiling and checking the plugins on
+    a CPU); with a GPU it must agree with that GPU, since TensorRT builds the rest of the
+    engine for it and PTX for another arch (sm_90a above all) may not load there."""
     import torch
 
-    if not torch.cuda.is_available():
+    here = None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        here = major * 10 + minor
+    wanted = os.environ.get("MOON3RT_TRT_ARCH")
+    if wanted:
+        if not wanted.isdigit():
+            raise ValueError(f"MOON3RT_TRT_ARCH={wanted!r}: expected a compute capability x10, e.g. 90 for an H100")
+        if here is not None and int(wanted) != here:
+            raise ValueError(f"MOON3RT_TRT_ARCH={wanted} but the engine is built on {device}, a GPU of compute "
+                             f"capability {here}: plugin kernels must be compiled for the GPU TensorRT builds for; "
+                             f"unset MOON3RT_TRT_ARCH or set it to {here}")
+        return int(wanted)
+    if here is None:
         raise RuntimeError("building plugin kernels needs a CUDA device or MOON3RT_TRT_ARCH (e.g. 90 for H100)")
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
+    return here
 
 
 _REGISTERED: set[str] = set()
@@ -108,15 +124,12 @@ def _register(spec: PluginSpec, trt, trtp) -> None:
     describe.__name__ = f"{spec.op_type}_describe"
 
     def aot_impl(*args):
-        from .plugin_kernels import ADAPTERS, plugin_launch
-        from .triton_aot import check_parameters, compile_kernel, signature_types
+        from .triton_aot import compile_plugin
 
         inputs, attrs = args[:n_in], dict(zip(spec.attributes, args[n_in:n_in + len(spec.attributes)]))
         shapes = [d.shape_expr for d in inputs]
-        launch = plugin_launch(spec.op_type, shapes, attrs)
-        kernel = compile_kernel(ADAPTERS[launch.kernel], launch.signature, launch.constexprs, launch.num_warps,
-                                build_arch())
-        check_parameters(kernel, signature_types(launch.signature))
+        # parameters checked against the launch, shared memory within 48 KiB (refused otherwise)
+        kernel, launch = compile_plugin(spec.op_type, shapes, attrs, build_arch())
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.grid_z = launch.grid
         params.block_x = kernel.num_warps * 32
@@ -131,5 +144,8 @@ def _register(spec: PluginSpec, trt, trtp) -> None:
                                        ("tactic", int)], aot_returns)
     aot_impl.__name__ = f"{spec.op_type}_aot_impl"
 
+    # tensorrt.plugin registers every creator with plugin_version "1" (_TemplatePluginCreator);
+    # the ONNX parser looks plugins up by that version, so the graph's plugin_version
+    # (plugins.VERSION) must stay "1" as long as the plugins are registered this way.
     trtp.register(spec.qualified_name)(describe)
     trtp.aot_impl(spec.qualified_name)(aot_impl)

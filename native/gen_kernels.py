@@ -3,7 +3,9 @@ ahead of time by Triton, embedded as byte arrays, with one C launch function eac
 
     python native/gen_kernels.py --out build/gen --arch 80 --arch 90 --dtype fp32 --dtype bf16
 
-CMake runs this (CMakeLists.txt); it needs torch and triton, and no GPU. It writes
+CMake runs this (CMakeLists.txt); it needs torch and triton, and no GPU. CMake first runs
+it with ``--check`` at configure time, which only validates the archs (each needs an entry
+in triton_aot.PTX_VERSIONS, its minimum PTX ISA) and exits. It writes
 
 - ``moon3rt_kernels.h``: one function per kernel variant, e.g.
   ``int moon3rt_fire_prologue_bf16_r16(moon3rt_stream, unsigned grid_x, unsigned grid_y,
@@ -140,9 +142,10 @@ def generate(out_dir: Path, archs, dtypes) -> dict:
                       f"    return moon3rt_launch(&{name}_kernel, stream, grid_x, grid_y, grid_z, params);\n}}")
         manifest["kernels"].append({
             "name": name, "entry": first.name, "kernel": v["fn"].__name__, "parameters": sig,
-            "constexprs": v["constexprs"], "hidden_parameters": first.hidden, "num_warps": first.num_warps,
+            "constexprs": v["constexprs"], "hidden_parameters": first.hidden,
+            "scratch_buffers": list(first.scratch), "num_warps": first.num_warps,
             "shared_bytes": {k.arch: k.shared for k in compiled}, "archs": [k.arch for k in compiled],
-            "ptx_arch": lowest.arch,
+            "ptx_arch": lowest.arch, "ptx_version": lowest.ptx_version,
             "ptx_parameters": entry_parameters(lowest.ptx, lowest.name),
         })
     names = [k["name"] for k in manifest["kernels"]]
@@ -175,8 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for the generated sources")
     parser.add_argument("--arch", type=int, action="append", help=f"compute capability x10 (default {ARCHS})")
     parser.add_argument("--dtype", choices=DTYPES, action="append", help=f"activation dtypes (default {DTYPES})")
+    parser.add_argument("--check", action="store_true", help="only check the archs (CMake's configure step)")
     args = parser.parse_args(argv)
-    manifest = generate(Path(args.out), sorted(set(args.arch or ARCHS)), args.dtype or list(DTYPES))
+    from moon3rt.export.triton_aot import ptx_version
+
+    archs = sorted(set(args.arch or ARCHS))
+    try:
+        for arch in archs:
+            ptx_version(arch)
+    except ValueError as err:
+        print(f"MOON3RT_ARCHS: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        return 0
+    manifest = generate(Path(args.out), archs, args.dtype or list(DTYPES))
     print(f"generated {len(manifest['kernels'])} kernel variants for sm_{manifest['archs']} in {args.out}")
     return 0
 

@@ -15,6 +15,8 @@ except ImportError:  # the older layout; if this is missing too, collection fail
     from transformers import Qwen2VLImageProcessor as ReferenceProcessor
 
 from moon3rt.config import Moon3Config
+
+__all__ = ["ReferenceProcessor", "hf_config", "hf_last_hidden", "random_hf_model"]
 from moon3rt.prompt import PreparedItem
 
 

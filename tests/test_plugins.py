@@ -36,7 +36,13 @@ from moon3rt.export.plugins import (
     plugin_nodes,
     reference_evaluator,
 )
-from moon3rt.export.triton_aot import entry_parameters, strip_hidden_parameters
+from moon3rt.export.triton_aot import (
+    PTX_VERSIONS,
+    check_triton_version,
+    entry_parameters,
+    ptx_version,
+    strip_hidden_parameters,
+)
 from moon3rt.kernels.fire import fire_inject_ref, fire_prologue_ref
 from moon3rt.kernels.fusion_attention import fusion_attention_ref
 from moon3rt.kernels.testing import interpreter_or_cuda
@@ -289,20 +295,28 @@ def _no_interpreter_env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-@pytest.fixture(scope="module")
-def plugin_ptx(tmp_path_factory):
-    """PTX of the four plugin kernels for sm_90 and sm_80, compiled in a process without
-    Triton's interpreter (the CLI the docs give)."""
-    out = tmp_path_factory.mktemp("ptx")
-    subprocess.run([sys.executable, "-m", "moon3rt.export.triton_aot", "--arch", "90", "--arch", "80",
-                    "--out", str(out)], check=True, env=_no_interpreter_env(), capture_output=True, text=True)
-    return out, json.loads((out / "manifest.json").read_text())
+# model -> archs: moon3-2b's sizes (rank 64, d = 1536) are where shared memory is largest
+PTX_CASES = {"moon3-tiny": (80, 90), "moon3-2b": (90,)}
+
+
+@pytest.fixture(scope="module", params=list(PTX_CASES))
+def plugin_ptx(request, tmp_path_factory):
+    """PTX of the four plugin kernels for a model's sizes and archs, compiled in a process
+    without Triton's interpreter (the CLI the docs give)."""
+    model, archs = request.param, PTX_CASES[request.param]
+    out = tmp_path_factory.mktemp(f"ptx-{model}")
+    command = [sys.executable, "-m", "moon3rt.export.triton_aot", "--model", model, "--out", str(out)]
+    for arch in archs:
+        command += ["--arch", str(arch)]
+    proc = subprocess.run(command, env=_no_interpreter_env(), capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "manifest.json").read_text()), model, archs
 
 
 def test_plugin_ptx_takes_exactly_the_plugin_launch_arguments(plugin_ptx):
-    out, manifest = plugin_ptx
-    assert manifest["ptx_version"] == 80
-    assert {(k["op_type"], k["arch"]) for k in manifest["kernels"]} == {(op, a) for op in PLUGINS for a in (80, 90)}
+    out, manifest, model, archs = plugin_ptx
+    assert manifest["ptx_versions"] == {str(a): 80 for a in archs}
+    assert {(k["op_type"], k["arch"]) for k in manifest["kernels"]} == {(op, a) for op in PLUGINS for a in archs}
     for k in manifest["kernels"]:
         spec = PLUGINS[k["op_type"]]
         # TensorRT's AOT launch: input pointers, extra int32 args, output pointers, nothing else
@@ -311,22 +325,97 @@ def test_plugin_ptx_takes_exactly_the_plugin_launch_arguments(plugin_ptx):
         assert entry_parameters(ptx, k["entry"]) == want == k["parameter_types"], k["op_type"]
         assert k["parameters"] == ([f"{t.name}_ptr" for t in spec.inputs] + [e[0] for e in spec.extra_args]
                                    + [f"{t.name}_ptr" for t in spec.outputs])
-        assert k["hidden_parameters_removed"] == 2  # Triton's global and profile scratch pointers
+        # one hidden pointer removed per scratch buffer of the compiled kernel's metadata
+        assert k["hidden_parameters_removed"] == len(k["scratch_buffers"]) > 0
         assert ".version 8.0" in ptx and f".target sm_{k['arch']}{'a' if k['arch'] == 90 else ''}" in ptx
-        assert k["num_warps"] == 8 and 0 < k["shared_bytes"] <= 48 * 1024
+        # TensorRT launches AOT plugin kernels without opting in to more than 48 KiB
+        assert k["num_warps"] == 8 and 0 < k["shared_bytes"] <= 49152, (model, k["op_type"], k["shared_bytes"])
     eps = next(k for k in manifest["kernels"] if k["op_type"] == "FirePrologue")["constexprs"]["EPS"]
-    assert eps == pytest.approx(Moon3Config.from_name("moon3-tiny").moon3.fire.eps)  # a float attribute, specialised
+    assert eps == pytest.approx(Moon3Config.from_name(model).moon3.fire.eps)  # a float attribute, specialised
+    if model == "moon3-2b":  # FireInject at rank 64 needs 64 KiB with Triton's default 3 stages
+        inject = next(k for k in manifest["kernels"] if k["op_type"] == "FireInject")
+        assert inject["constexprs"]["BLOCK_R"] == 64 and inject["num_stages"] <= 2
+
+
+def _ptxas() -> str | None:
+    """The CUDA toolkit's ptxas, else the one bundled with triton."""
+    import triton
+
+    for candidate in (shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas",
+                      str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
 
 
 def test_plugin_ptx_assembles_with_ptxas(plugin_ptx):
-    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
-    if not Path(ptxas).exists():
-        pytest.skip("no ptxas on this machine (CUDA toolkit not installed)")
-    out, manifest = plugin_ptx
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("no ptxas on this machine (no CUDA toolkit, and triton's bundled one is missing)")
+    out, manifest, _, _ = plugin_ptx
     for k in manifest["kernels"]:
         arch = f"sm_{k['arch']}{'a' if k['arch'] == 90 else ''}"
-        subprocess.run([ptxas, f"-arch={arch}", str(out / k["file"]), "-o", str(out / f"{k['file']}.cubin")],
-                       check=True, capture_output=True)
+        command = [ptxas, f"-arch={arch}", str(out / k["file"]), "-o", str(out / f"{k['file']}.cubin")]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}"
+
+
+_LIMITS_SCRIPT = textwrap.dedent('''
+    import json, re
+    from moon3rt.config import Moon3Config
+    from moon3rt.export import triton_aot
+    from moon3rt.export.triton_aot import PluginSharedMemoryError, compile_plugin, plugin_shapes
+    report = {}
+    # MHMF with more than 16 heads (H_PAD 32): 56 KiB with Triton's default 3 stages
+    cfg = Moon3Config.from_name("moon3-2b")
+    cfg.moon3.fusion.num_heads = 32
+    shapes, attrs = plugin_shapes(cfg)["FusionPool"]
+    kernel, launch = compile_plugin("FusionPool", shapes, attrs, 90)
+    report["pool32"] = [launch.constexprs["H_PAD"], kernel.shared, kernel.num_stages]
+    # a kernel over the limit is refused, naming what it needs
+    shapes, attrs = plugin_shapes(Moon3Config.from_name("moon3-2b"))["FireInject"]
+    try:
+        compile_plugin("FireInject", shapes, attrs, 90, max_shared=1024)
+    except PluginSharedMemoryError as err:
+        report["refused"] = str(err)
+    # per-arch PTX ISA: Blackwell needs 8.6 (sm_100a) and 8.7 (sm_120a)
+    for arch in (100, 120):
+        kernel, _ = compile_plugin("FireInject", shapes, attrs, arch)
+        report[arch] = [re.search(r"\\.version (\\S+)", kernel.ptx).group(1), kernel.ptx_version]
+    # an arch outside the table is refused before Triton compiles anything (its LLVM would abort)
+    try:
+        compile_plugin("FireInject", shapes, attrs, 75)
+    except ValueError as err:
+        report["unknown_arch"] = str(err)
+    print(json.dumps(report))
+''')
+
+
+def test_plugin_kernels_fit_48_kib_and_take_each_archs_ptx_isa():
+    proc = subprocess.run([sys.executable, "-c", _LIMITS_SCRIPT], env=_no_interpreter_env(), capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    h_pad, shared, stages = report["pool32"]
+    assert h_pad == 32 and shared <= 49152 and stages <= 2, report["pool32"]
+    assert re.search(r"FireInject \(fire_inject_plugin, sm_90, .*'BLOCK_R': 64.*\) needs \d+ B with num_stages=2, "
+                     r"\d+ B with num_stages=1 of shared memory; a TensorRT AOT plugin kernel gets at most 1024 B",
+                     report["refused"]), report["refused"]
+    assert report["100"] == ["8.6", 86] and report["120"] == ["8.7", 87]
+    assert "compute capability 75 is not supported" in report["unknown_arch"]
+    assert "[80, 86, 89, 90, 100, 120]" in report["unknown_arch"]
+
+
+def test_ptx_isa_per_arch_and_triton_floor():
+    assert [ptx_version(a) for a in (80, 86, 89, 90, 100, 120)] == [80, 80, 80, 80, 86, 87]
+    known = re.escape(str(sorted(PTX_VERSIONS)))
+    for arch in (75, 103, 121):
+        with pytest.raises(ValueError, match=rf"compute capability {arch} is not supported.*{known}"):
+            ptx_version(arch)
+    for ok in ("3.6.0", "3.9.0", "3.10.0+git1234"):
+        check_triton_version(ok)
+    with pytest.raises(RuntimeError, match=r"needs triton >= 3.6, found 3.5.1"):
+        check_triton_version("3.5.1")
 
 
 def test_hidden_parameters_are_only_dropped_when_unused():
@@ -423,6 +512,15 @@ _REGISTER_SCRIPT = _FAKE_TRT + textwrap.dedent('''
                       "kernel": kernel, "params": entry_parameters(ptx, kernel), "extra": list(extra),
                       "grid": [params.grid_x, params.grid_y, params.grid_z], "block": params.block_x,
                       "shared": params.shared_mem, "target": ".target sm_90a" in ptx}
+    # aot_impl refuses a kernel above the shared memory TensorRT gives it (the limit lowered here)
+    from moon3rt.export import triton_aot
+    triton_aot.MAX_PLUGIN_SHARED = 1024
+    shapes, attrs = plugin_shapes(Moon3Config.from_name("moon3-tiny"))["FireInject"]
+    descs = [TensorDesc(s, t.dtype) for s, t in zip(shapes, PLUGINS["FireInject"].inputs)]
+    try:
+        AOT["moon3rt::FireInject"](*descs, *attrs.values(), REG["moon3rt::FireInject"](*descs, **attrs), 0)
+    except triton_aot.PluginSharedMemoryError as err:
+        report["refused"] = str(err)
     print(json.dumps(report))
 ''')
 
@@ -446,3 +544,32 @@ def test_trt_plugin_definitions_against_the_tensorrt_plugin_schema():
         want = ["ptr"] * len(spec.inputs) + ["i32"] * len(spec.extra_args) + ["ptr"] * len(spec.outputs)
         assert r["params"] == want and r["block"] == 256 and r["target"] and r["shared"] > 0, op
         assert re.fullmatch(r"[a-z_]+_plugin", r["kernel"])
+    assert "gets at most 1024 B (TensorRT launches it without opting in to more)" in report["refused"]
+
+
+def test_plugin_kernels_are_built_for_the_gpu_the_engine_is_built_on(monkeypatch):
+    from moon3rt.export.trt_plugins import build_arch
+
+    capability = {0: (9, 0), 1: (8, 9)}
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device: asked.append(device) or capability[torch.device(device).index])
+    monkeypatch.delenv("MOON3RT_TRT_ARCH", raising=False)
+    assert build_arch() == 90 and build_arch("cuda:1") == 89 and build_arch(torch.device("cuda", 1)) == 89
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda", 1)]
+    monkeypatch.setenv("MOON3RT_TRT_ARCH", "89")
+    assert build_arch("cuda:1") == 89
+    with pytest.raises(ValueError, match=r"MOON3RT_TRT_ARCH=89 but the engine is built on cuda:0, a GPU of compute "
+                                         r"capability 90.*set it to 90"):
+        build_arch()
+    monkeypatch.setenv("MOON3RT_TRT_ARCH", "sm90")
+    with pytest.raises(ValueError, match="expected a compute capability x10"):
+        build_arch()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("MOON3RT_TRT_ARCH", "90")
+    assert build_arch() == 90  # no GPU: compiled for the named arch (checking plugins on a CPU)
+    monkeypatch.delenv("MOON3RT_TRT_ARCH")
+    with pytest.raises(RuntimeError, match="needs a CUDA device or MOON3RT_TRT_ARCH"):
+        build_arch()

@@ -10,15 +10,19 @@ from the parsed network otherwise.
 
 In CI (``CI`` set) a missing tensorrt_rtx fails: it is in the `test` extra, so a skip
 would hide a broken install. Elsewhere (e.g. the GPU machine, which has no network to
-install it) the engine tests skip and say why. An installed but broken tensorrt_rtx
-always fails.
+install it) the engine tests skip and say why. Off x86_64 they always skip: the extra
+installs tensorrt-rtx-cu13 only there (a platform marker). An installed but broken
+tensorrt_rtx always fails.
 """
 
 import json
 import os
+import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -47,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tensorrt_rtx():
+    if platform.machine() != "x86_64":
+        pytest.skip(f"the test extra installs tensorrt-rtx-cu13 on x86_64 only; this machine is {platform.machine()}")
     try:
         import tensorrt_rtx
     except ModuleNotFoundError as err:
@@ -126,6 +132,13 @@ def test_tensorrt_rtx_refuses_hopper_and_the_plugin_graph(rtx, graph, tmp_path):
         build_engine(plugins, tmp_path / "e", "fp16", compute_capability=[89], flavour="tensorrt_rtx")
 
 
+def test_tensorrt_rtx_tests_skip_off_x86_64_even_in_ci(monkeypatch):
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.skip.Exception, match="tensorrt-rtx-cu13 on x86_64 only; this machine is aarch64"):
+        _tensorrt_rtx()
+
+
 # ------------------------------------------------------- build options, no TensorRT needed
 def test_missing_tensorrt_names_both_flavours_and_how_to_install(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
@@ -184,6 +197,65 @@ def test_gemm_precision_pass_keeps_the_graph_close(graph, tmp_path):
     assert got.dtype == np.float32 and cos.min() > 0.9999, cos
 
 
+class _FakeTimingConfig:
+    """The timing-cache calls of an IBuilderConfig; caches whose blob starts with b"other"
+    are refused, as TensorRT refuses one from another version or GPU (ignore_mismatch=False)."""
+
+    def __init__(self):
+        self.cache = None
+
+    def create_timing_cache(self, blob):
+        return SimpleNamespace(blob=bytes(blob), serialize=lambda: bytes(blob) + b"+timings")
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False
+        if cache.blob.startswith(b"other"):
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+def test_timing_cache_from_another_tensorrt_or_gpu_is_replaced(tmp_path):
+    from moon3rt.export.build_engine import BuildReport, _load_timing_cache, _save_timing_cache
+
+    path = tmp_path / "trt.cache"
+    report = BuildReport("e", "tensorrt", "10.13.0", "fp16", [], [])
+    config = _FakeTimingConfig()
+    assert _load_timing_cache(config, path, "tensorrt", report).blob == b"" and not report.notes  # no file yet
+    path.write_bytes(b"mine")
+    assert _load_timing_cache(config, path, "tensorrt", report).blob == b"mine" and config.cache.blob == b"mine"
+    path.write_bytes(b"other version")
+    with pytest.warns(UserWarning, match="does not match this TensorRT version or GPU"):
+        cache = _load_timing_cache(config, path, "tensorrt", report)
+    assert cache.blob == b"" and config.cache is cache and "building with a fresh one" in report.notes[-1]
+    _save_timing_cache(config, path)
+    assert path.read_bytes() == b"+timings" and [p.name for p in tmp_path.iterdir()] == ["trt.cache"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _load_timing_cache(config, None, "tensorrt", report) is None
+        assert _load_timing_cache(config, path, "tensorrt_rtx", report) is None
+
+
+def test_build_engine_builds_on_the_device_it_is_given(monkeypatch, tmp_path):
+    from contextlib import contextmanager
+
+    entered = []
+
+    @contextmanager
+    def device(d):
+        entered.append(str(d))
+        yield
+
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.13.0"))
+    monkeypatch.setattr(torch.cuda, "device", device)
+    with pytest.raises(FileNotFoundError):  # stops at reading the graph, inside the device's scope
+        build_engine(tmp_path / "missing.onnx", tmp_path / "e", "fp16", flavour="tensorrt", device="cuda:1")
+    assert entered == ["cuda:1"]
+
+
 # ------------------------------------------------------------------- tensorrt backend
 def test_tensorrt_backend_errors_without_cuda_or_tensorrt(monkeypatch):
     import moon3rt
@@ -224,3 +296,46 @@ def test_tensorrt_backend_binds_graph_inputs_in_engine_dtypes():
     parts = split_for_engine(batch, max_tokens=10_000, max_items=1, merge=2)
     assert [p.num_items for p in parts] == [1, 1]
     assert sum(p.input_ids.numel() for p in parts) == batch.input_ids.numel()
+
+
+def test_tensorrt_backend_cache_keys(monkeypatch, tmp_path):
+    """Engines and timing caches are keyed by flavour, version and compute capability; the
+    digest covers the plugin code and the triton version that compiles its kernels."""
+    import triton
+
+    from moon3rt.backends import tensorrt_backend as tb
+    from moon3rt.config import Moon3Config
+    from moon3rt.model import random_model
+
+    assert tb.engine_files("tensorrt", "10.13.0", 90, "bf16", "plugins") == (
+        "tensorrt-10.13.0-sm90-bf16-plugins.engine", "tensorrt-10.13.0-sm90.timing.cache")
+    named = lambda plugins: {f"{p.parent.name}/{p.name}" for p in tb.engine_sources(plugins)}
+    plugin_code = {"export/trt_plugins.py", "export/triton_aot.py", "export/plugin_kernels.py", "kernels/fire.py",
+                   "kernels/fusion_attention.py", "export/plugins.py", "export/plugin_model.py"}
+    assert plugin_code <= named(True) and not plugin_code & named(False)
+    assert {"export/build_engine.py", "export/precision.py"} <= named(False)
+    model = random_model(Moon3Config.from_name("moon3-tiny"), seed=0)
+    before = {plugins: tb.engine_digest(model, plugins) for plugins in (False, True)}
+    monkeypatch.setattr(triton, "__version__", "0.0.0")
+    assert tb.engine_digest(model, True) != before[True] and tb.engine_digest(model, False) == before[False]
+
+    # a build goes to the backend's device, with a timing cache named like the engine
+    calls = []
+
+    def fake_build(onnx_path, engine_path, precision, **kwargs):
+        calls.append(kwargs)
+        Path(engine_path).write_bytes(b"engine")
+        Path(str(engine_path) + ".json").write_text("{}")
+
+    monkeypatch.setattr("moon3rt.export.export_onnx.export_onnx", lambda model, path, **kw: path)
+    monkeypatch.setattr("moon3rt.export.build_engine.build_engine", fake_build)
+    backend = object.__new__(tb.TensorRTBackend)
+    backend.__dict__.update(device=torch.device("cuda", 1), trt=SimpleNamespace(__version__="10.13.0"),
+                            flavour="tensorrt", model=model, cache_dir=tmp_path, precision="fp16", plugins=True,
+                            max_batch_tokens=256, max_batch_items=4)
+    monkeypatch.setattr(tb.TensorRTBackend, "_compute_capability", lambda self: 90)
+    engine = backend._build()
+    assert engine.name == "tensorrt-10.13.0-sm90-fp16-plugins.engine" and engine.read_bytes() == b"engine"
+    (kwargs,) = calls
+    assert kwargs["device"] == torch.device("cuda", 1) and kwargs["compute_capability"] == [90]
+    assert kwargs["timing_cache"] == engine.parent / "tensorrt-10.13.0-sm90.timing.cache"

@@ -3,9 +3,12 @@
 On first use the model is exported (`moon3rt.export.export_onnx`, the standard graph, or
 the plugin graph with MOON3RT_TRT_PLUGINS=1) and built (`moon3rt.export.build_engine`)
 into ``$MOON3RT_CACHE/tensorrt/<hash>/``; the hash covers the config, every weight and
-the export and build code, and the engine file name the TensorRT flavour and version,
-the GPU's compute capability, the precision and the graph, so a cached engine is reused
-only where it was built for. Inputs and outputs are torch CUDA tensors on the model's
+the export and build code (for the plugin graph also the plugin and ahead-of-time
+compiler code, the kernels it compiles and the triton version), and the engine file name
+the TensorRT flavour and version, the GPU's compute capability, the precision and the
+graph, so a cached engine is reused only where it was built for. The timing cache beside
+it is named by flavour, version and compute capability. The engine is built on the
+model's device. Inputs and outputs are torch CUDA tensors on the model's
 device and the engine runs on torch's current stream.
 
 Settings (environment, since `moon3rt.load` passes only the backend's name):
@@ -100,16 +103,40 @@ def split_for_engine(batch: PackedBatch, max_tokens: int, max_items: int, merge:
     return parts
 
 
-def engine_digest(model: Moon3Model, plugins: bool) -> str:
-    """`model_digest` plus the code that shapes the engine (plugin graph, precision pass, build)."""
-    from ..export import build_engine, plugin_kernels, plugin_model, precision
-    from ..export import plugins as plugin_specs
+def engine_sources(plugins: bool) -> list[Path]:
+    """The source files, beyond `model_digest`'s, that shape an engine: the precision pass
+    and the build, and for the plugin graph its nodes, their TensorRT plugins, the Triton
+    adapters, the ahead-of-time compiler and the kernels compiled into the engine as PTX."""
+    from ..export import build_engine, precision
 
+    modules = [build_engine, precision]
+    if plugins:
+        from ..export import plugin_kernels, plugin_model, triton_aot, trt_plugins
+        from ..export import plugins as plugin_specs
+        from ..kernels import fire, fusion_attention
+
+        modules += [plugin_model, plugin_specs, plugin_kernels, trt_plugins, triton_aot, fire, fusion_attention]
+    return [Path(inspect.getfile(module)) for module in modules]
+
+
+def engine_digest(model: Moon3Model, plugins: bool) -> str:
+    """`model_digest` plus `engine_sources`, and for the plugin graph the triton version
+    (it compiles the plugin kernels stored in the engine)."""
     h = hashlib.blake2b(model_digest(model).encode(), digest_size=16)
-    modules = (build_engine, precision) + ((plugin_model, plugin_specs, plugin_kernels) if plugins else ())
-    for module in modules:
-        h.update(Path(inspect.getfile(module)).read_bytes())
+    for path in engine_sources(plugins):
+        h.update(path.read_bytes())
+    if plugins:
+        import triton
+
+        h.update(f"triton {triton.__version__}".encode())
     return h.hexdigest()
+
+
+def engine_files(flavour: str, version: str, cc: int, precision: str, graph: str) -> tuple[str, str]:
+    """(engine, timing cache) file names: an engine and its timing cache are only reused by
+    the TensorRT flavour and version and on the compute capability that made them."""
+    stem = f"{flavour}-{version}-sm{cc}"
+    return f"{stem}-{precision}-{graph}.engine", f"{stem}.timing.cache"
 
 
 class TensorRTBackend:
@@ -142,7 +169,8 @@ class TensorRTBackend:
         cc = self._compute_capability()
         graph = "plugins" if self.plugins else "standard"
         target = (self.cache_dir or cache_root() / "tensorrt") / engine_digest(self.model, self.plugins)
-        engine = target / f"{self.flavour}-{self.trt.__version__}-sm{cc}-{self.precision}-{graph}.engine"
+        engine_name, cache_name = engine_files(self.flavour, self.trt.__version__, cc, self.precision, graph)
+        engine = target / engine_name
         if engine.exists() and engine.with_name(engine.name + ".json").exists():  # the sidecar is written last
             return engine
         target.mkdir(parents=True, exist_ok=True)
@@ -151,7 +179,8 @@ class TensorRTBackend:
             onnx_path = export_onnx(self.model, staging / "model.onnx", plugins=self.plugins,
                                     max_batch_tokens=self.max_batch_tokens, max_batch_items=self.max_batch_items)
             build_engine(onnx_path, staging / engine.name, self.precision, profiles=2,
-                         timing_cache=target / "timing.cache", compute_capability=[cc], flavour=self.flavour)
+                         timing_cache=target / cache_name, compute_capability=[cc], flavour=self.flavour,
+                         device=self.device)
             for suffix in ("", ".json"):
                 os.replace(staging / (engine.name + suffix), engine.with_name(engine.name + suffix))
         finally:
