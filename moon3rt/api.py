@@ -267,7 +267,8 @@ class Encoder:
             return err
 
     def _embed_batch(self, indices, prepared, plan, texts) -> torch.Tensor:
-        batch = pack([prepared[i] for i in indices], self.config.vision.spatial_merge_size)
+        batch = pack([prepared[i] for i in indices], self.config.vision.spatial_merge_size,
+                     pin_memory=self.device.type == "cuda")
         if plan is None:
             return self.backend.embed(batch)
         from .generate import generate

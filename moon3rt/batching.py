@@ -46,15 +46,25 @@ def _offsets(lengths: Iterable[int]) -> torch.Tensor:
     return torch.tensor(np.concatenate([[0], np.cumsum(list(lengths), dtype=np.int64)]), dtype=torch.int32)
 
 
-def pack(items: Sequence[PreparedItem], image_merge: int = 2) -> PackedBatch:
-    """Concatenate prepared items into one packed batch (token order = item order)."""
+def pack(items: Sequence[PreparedItem], image_merge: int = 2, pin_memory: bool = False) -> PackedBatch:
+    """Concatenate prepared items into one packed batch (token order = item order).
+
+    pin_memory: write the patches (the bulk of a batch) straight into page-locked host
+    memory, so the copy to a CUDA device runs at full speed and asynchronously.
+    """
     if not items:
         raise ValueError("cannot pack an empty batch")
     starts = np.concatenate([[0], np.cumsum([it.num_tokens for it in items])[:-1]])
     images = [img for it in items for img in it.images]
     merged = [sum(img.grid_thw[1] * img.grid_thw[2] // image_merge**2 for img in it.images) for it in items]
     if images:
-        pixel_values = torch.from_numpy(np.concatenate([img.pixel_values for img in images]))
+        arrays = [img.pixel_values for img in images]
+        if pin_memory:
+            shape = (sum(a.shape[0] for a in arrays), arrays[0].shape[1])
+            pixel_values = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+            np.concatenate(arrays, out=pixel_values.numpy())
+        else:
+            pixel_values = torch.from_numpy(np.concatenate(arrays))
         grid_thw = torch.tensor([img.grid_thw for img in images], dtype=torch.int64)
     else:
         pixel_values = grid_thw = None

@@ -165,7 +165,8 @@ def save_model(model: Moon3Model, directory: str | os.PathLike, max_shard_bytes:
         save_file(shard, str(directory / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:

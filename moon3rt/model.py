@@ -40,8 +40,10 @@ class PackedBatch:
     def num_items(self) -> int:
         return self.cu_seqlens.numel() - 1
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """The batch on `device`; non_blocking copies overlap with the host when the source is pinned."""
+        moved = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
         return PackedBatch(**moved)
 
 

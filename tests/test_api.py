@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -270,3 +271,15 @@ def test_special_token_strings_in_a_title_are_plain_text():
     assert enc.prompt.tokenizer.decode(title_ids) == title
     vec = enc.encode([title])
     assert np.isfinite(vec).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_packing_equals_plain_packing():
+    from moon3rt.batching import pack
+
+    enc = moon3rt.load("moon3-tiny", device="cuda", dtype="fp32")
+    items = [enc.prepare({"text": "tee", "image": np.full((60, 90, 3), 128, np.uint8)}, 0),
+             enc.prepare({"images": [np.full((40, 40, 3), 7, np.uint8)] * 2}, 1)]
+    plain, pinned = pack(items), pack(items, pin_memory=True)
+    assert pinned.pixel_values.is_pinned() and torch.equal(plain.pixel_values, pinned.pixel_values)

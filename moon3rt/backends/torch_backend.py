@@ -16,4 +16,4 @@ class TorchBackend:
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> torch.Tensor:
-        return self.model(batch.to(self.device)).float()
+        return self.model(batch.to(self.device, non_blocking=True)).float()

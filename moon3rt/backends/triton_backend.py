@@ -134,7 +134,7 @@ class TritonBackend:
         if has_images:
             grid_host = batch.image_grid_thw.cpu()
             rows = torch.nonzero(batch.input_ids.cpu() == cfg.image_token_id).squeeze(1).to(self.device)
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, non_blocking=True)
         h = lm.embed_tokens(batch.input_ids)
         v = r = None
         if has_images:
