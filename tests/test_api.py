@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 import moon3rt
