@@ -117,7 +117,12 @@ def _write_parquet(path: Path, ids: list, result) -> None:
 def cmd_info(args) -> int:
     import moon3rt
 
-    encoder = moon3rt.load(args.model, device=args.device or "cpu", dtype=args.dtype, flavour=args.flavour)
+    from moon3rt.config import PRESETS
+
+    # A preset's random weights are not needed to describe it: its shapes suffice (moon3-2b
+    # would otherwise draw 2.2 B numbers). A checkpoint is loaded, which checks its tensors.
+    device = args.device or ("meta" if args.model in PRESETS and not Path(args.model).is_dir() else "cpu")
+    encoder = moon3rt.load(args.model, device=device, dtype=args.dtype or "fp32", flavour=args.flavour)
     cfg, model = encoder.config, encoder.model
     count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
     print(json.dumps(cfg.to_dict(), indent=2))

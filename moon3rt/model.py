@@ -461,6 +461,8 @@ def random_model(
     device = torch.device(device)
     with torch.device("meta"):
         model = Moon3Model(cfg, lm_head=lm_head)
+    if device.type == "meta":  # shapes only (e.g. to count parameters): nothing to fill
+        return model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):

@@ -80,3 +80,10 @@ def test_demo_prints_a_similarity_table():
     assert "RANDOM weights" in out
     assert "sku-001" in out and "best match for 'red cotton t-shirt'" in out
     assert "embedded 12 items" in out
+
+
+def test_info_describes_a_large_preset_from_its_shapes(capsys):
+    """moon3-2b's 2.2 B random weights are never drawn just to describe the preset."""
+    assert main(["info", "--model", "moon3-2b"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters:  2213.28 M total" in out and "(layers [0, 7, 14, 21], rank 64)" in out
