@@ -139,6 +139,7 @@ for name in gpu-tests tests-not-gpu bench-kernels; do
     fi
 done
 cp "$RAW"/throughput-*.json "$RAW"/throughput-*.png "$RAW"/kernels-*.json "$OUT"/ 2>/dev/null
+for f in "$RAW"/reasoning/throughput-*.json; do [ -f "$f" ] && cp "$f" "$OUT/reasoning-$(basename "$f")"; done
 tar -czf "$OUT/logs.tgz" -C "$OUT" raw
 [ "${KEEP_RAW:-0}" = 1 ] || rm -rf "$RAW"
 echo "gpu_check done in $(($(date +%s) - START)) s; files in $OUT:"
