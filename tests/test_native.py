@@ -6,6 +6,10 @@ the library opens libcuda.so.1 only when a kernel is launched. Without cmake or 
 compiler the build tests skip and say what to install; in CI (``CI`` set) they fail,
 since CI must have them. On a GPU (`-m gpu`) every kernel variant is launched through
 ctypes on torch CUDA tensors and compared with the same kernel launched by Triton.
+
+With ``TENSORRT_ROOT`` naming TensorRT 10 headers (``$TENSORRT_ROOT/include/NvInfer.h``) the
+C++ plugin library (native/trt_plugin/) is built too and checked by tests/trt_plugin_check.cpp;
+without them that test skips (CI has no TensorRT headers).
 """
 
 import ctypes
@@ -156,6 +160,59 @@ def test_configure_refuses_an_arch_without_a_ptx_isa_and_finds_tritons_cuda_h(tm
                        str(ROOT / "native/moon3rt_runtime.c")]
     proc = subprocess.run(compile_runtime, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _tensorrt_headers() -> Path:
+    """$TENSORRT_ROOT/include, holding NvInfer.h; skips otherwise (also in CI, which has none)."""
+    root = os.environ.get("TENSORRT_ROOT")
+    if not root or not (Path(root) / "include/NvInfer.h").exists():
+        pytest.skip("TENSORRT_ROOT does not name TensorRT headers ($TENSORRT_ROOT/include/NvInfer.h), which the C++ "
+                    "plugin library needs; the PyPI TensorRT packages ship none (docs/TENSORRT.md)")
+    return Path(root) / "include"
+
+
+def test_trt_plugin_library_builds_against_tensorrt_headers(tmp_path):
+    """CMake builds libmoon3rt_trt_plugins from TENSORRT_ROOT's headers without a warning; it
+    exports only getCreators, links no TensorRT library, and tests/trt_plugin_check.cpp, run
+    without TensorRT's runtime, finds its creators, attributes, types and aliasing as specified."""
+    include = _tensorrt_headers()
+    header = _require_build_tools()
+    cxx = next((shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)),
+               None)
+    if cxx is None:
+        pytest.skip("building the C++ plugin library needs a C++17 compiler (apt install g++)")
+    build = tmp_path / "build"
+    proc = _cmake(*_configure_args(build, "90", "fp32", header), f"-DTENSORRT_ROOT={include.parent}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "building moon3rt_trt_plugins" in proc.stdout and "Warning" not in proc.stderr, proc.stderr[-3000:]
+    proc = _cmake("--build", str(build), "--target", "moon3rt_trt_plugins", "-j", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    library = build / "libmoon3rt_trt_plugins.so"
+    exported = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
+                              check=True).stdout.split()
+    assert [s for s in exported if len(s) > 1 and not s.startswith("0")] == ["getCreators"]
+    assert "nvinfer" not in subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True).stdout
+    check = tmp_path / "trt_plugin_check"
+    proc = subprocess.run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-isystem", str(include), "-isystem",
+                           str(header.parent), str(ROOT / "tests/trt_plugin_check.cpp"), "-o", str(check),
+                           f"-L{build}", "-lmoon3rt_trt_plugins", f"-Wl,-rpath,{build}"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([str(check), "fp32"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.endswith("ok\n"), proc.stdout + proc.stderr
+
+
+def test_configure_without_tensorrt_headers_warns(tmp_path):
+    """A TENSORRT_ROOT without headers gives CMake's warning and no plugin target."""
+    header = _require_build_tools()
+    empty = tmp_path / "no-tensorrt"
+    empty.mkdir()
+    proc = _cmake(*_configure_args(tmp_path / "build", "90", "fp32", header), f"-DTENSORRT_ROOT={empty}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = " ".join(proc.stderr.split())
+    assert f"TENSORRT_ROOT={empty}: no TensorRT headers" in error and "is not built" in error, error
+    assert "moon3rt_trt_plugins" not in (tmp_path / "build/Makefile").read_text()
 
 
 def test_launch_without_a_driver_returns_an_error(native):
