@@ -63,7 +63,7 @@ def variants(dtypes) -> list[dict]:
             })
             out.append({
                 "name": f"moon3rt_fire_inject_{dt}_r{block_r}", "fn": _fire_inject_kernel,
-                "signature": {"hidden_ptr": x, "stride_ht": "i32", "rows_ptr": "*i64", "r_ptr": x,
+                "signature": {"hidden_ptr": x, "stride_ht": "i32", "rows_ptr": "*i32", "r_ptr": x,
                               "stride_rn": "i32", "up_ptr": x, "stride_uk": "i32", "scale_ptr": "*fp32",
                               "N": "i32", "RANK": "i32", "DIM": "i32"},
                 "constexprs": {"stride_hd": 1, "stride_rk": 1, "stride_ud": 1, "BLOCK_M": 64, "BLOCK_R": block_r,

@@ -266,7 +266,7 @@ def test_native_launches_match_triton(native, dtype):
 
     # FIRE injection into 300 of 1000 rows of d = 1536
     hidden = torch.randn(1000, 1536, generator=g, device="cuda").to(dtype)
-    rows = torch.randperm(1000, generator=g, device="cuda")[:300]
+    rows = torch.randperm(1000, generator=g, device="cuda")[:300].to(torch.int32)  # the plugin graph's index type
     up = (torch.randn(64, 1536, generator=g, device="cuda") / 8).to(dtype)
     alpha = torch.tensor([0.3], device="cuda")
     want = hidden.clone()

@@ -51,7 +51,7 @@ int main(int argc, char** argv)
                 return true;
         return false;
     };
-    Op const ops[] = {{"FirePrologue", "eps", "xxx|x"}, {"FireInject", "layer", "xlxxf|x"},
+    Op const ops[] = {{"FirePrologue", "eps", "xxx|x"}, {"FireInject", "layer", "xixxf|x"},
         {"FusionScores", "num_heads", "fxixi|ffff"}, {"FusionPool", "num_heads", "xifxiffff|x"}};
     int32_t n = 0;
     IPluginCreatorInterface* const* creators = getCreators(n);

@@ -242,14 +242,14 @@ protected:
 };
 
 // hidden_out = hidden with hidden[rows] += scale * (r @ up), in place: the output aliases input 0.
-// inputs hidden (T, d), rows (N,) int64 (the native kernel's index type), r (N, R), up (R, d), scale (1,) fp32
+// inputs hidden (T, d), rows (N,) int32 (as the plugin graph exports them), r (N, R), up (R, d), scale (1,) fp32
 class FireInject final : public Plugin
 {
 public:
     static constexpr char const* kName = "FireInject";
     static constexpr Attribute kAttr{"layer", PluginFieldType::kINT32};
     explicit FireInject(double layer)
-        : Plugin(kName, "xlxxf|x", kAttr, layer)
+        : Plugin(kName, "xixxf|x", kAttr, layer)
     {
     }
     IPluginV3* clone() noexcept override { return new FireInject(mInt); }
