@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from ..config import Moon3Config
-from ..model import Moon3Model, PackedBatch, rotate_half, vision_positions
+from ..model import Moon3Model, PackedBatch, rope_inv_freq, rotate_half, vision_positions
 
 VISION_INPUTS = ("pixel_values", "patch_image", "patch_pos")
 TEXT_INPUTS = ("input_ids", "position_ids", "token_item", "title_mask", "pool_index")
@@ -111,8 +111,7 @@ class OnnxMoon3(nn.Module):
         tower, vc = self.model.visual, self.cfg.vision
         x = tower.patch_embed(pixel_values)
         # as `VisionTower.rotary`: head_dim/4 frequencies turn with the row, head_dim/4 with the column
-        half = vc.head_dim // 2
-        inv_freq = 1.0 / vc.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float, device=patch_pos.device) / half)
+        inv_freq = rope_inv_freq(vc.rope_theta, vc.head_dim // 2, patch_pos.device)
         freqs = (patch_pos[:, :, None].float() * inv_freq).flatten(1)  # (P, head_dim/2): rows then cols
         freqs = torch.cat([freqs, freqs], dim=-1)
         cos, sin = freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)

@@ -52,6 +52,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_inv_freq(theta: float, dim: int, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/dim), i < dim/2, fp32: (dim/2,)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+
+
 def segments(cu: torch.Tensor) -> list[tuple[int, int]]:
     bounds = cu.tolist()
     return list(zip(bounds[:-1], bounds[1:]))
@@ -165,10 +170,7 @@ class VisionTower(nn.Module):
 
     def rotary(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """2-D RoPE: a quarter of the frequencies turn with the row, a quarter with the column."""
-        quarter = self.cfg.head_dim // 2
-        inv_freq = 1.0 / self.cfg.rope_theta ** (
-            torch.arange(0, quarter, 2, dtype=torch.float, device=grid_thw.device) / quarter
-        )
+        inv_freq = rope_inv_freq(self.cfg.rope_theta, self.cfg.head_dim // 2, grid_thw.device)  # (head_dim/4,)
         pos = vision_positions(grid_thw, self.cfg.spatial_merge_size).float()  # (N, 2)
         freqs = (pos[:, :, None] * inv_freq).flatten(1)  # (N, head_dim/2): rows then cols
         freqs = torch.cat([freqs, freqs], dim=-1)
@@ -255,10 +257,7 @@ class LanguageModel(nn.Module):
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """M-RoPE: frequency band i of `mrope_section` turns with the t, h or w position (i mod 3)."""
-        hd = self.cfg.head_dim
-        inv_freq = 1.0 / self.cfg.rope_theta ** (
-            torch.arange(0, hd, 2, dtype=torch.float, device=position_ids.device) / hd
-        )
+        inv_freq = rope_inv_freq(self.cfg.rope_theta, self.cfg.head_dim, position_ids.device)
         freqs = position_ids[..., None].float() * inv_freq  # (3, T, head_dim/2)
         bands = freqs.split(self.cfg.mrope_section, dim=-1)
         freqs = torch.cat([band[i % 3] for i, band in enumerate(bands)], dim=-1)
@@ -422,13 +421,16 @@ class Moon3Model(nn.Module):
         h, v = self.hidden_states(batch)
         return self.heads(self.pool(h, batch), v, batch)
 
-    def heads(self, e: torch.Tensor, v: torch.Tensor | None, batch: PackedBatch) -> torch.Tensor:
-        """MHMF and projection of the pooled states e (B, d), given the image signal V. (B, out) fp32."""
+    def heads(self, e: torch.Tensor, v: torch.Tensor | None, batch: PackedBatch, fusion=None) -> torch.Tensor:
+        """MHMF and projection of the pooled states e (B, d), given the image signal V. (B, out) fp32.
+
+        `fusion` replaces `self.fusion`'s computation (same arguments), e.g. the fused kernel.
+        """
         e = e.float()
         if self.fusion is not None:
             x_img = v if v is not None else e.new_zeros(0, e.shape[1])
             x_txt = self.language_model.embed_tokens(batch.input_ids[batch.title_index])
-            e = self.fusion(e, x_img, batch.cu_images, x_txt, batch.cu_titles)
+            e = (fusion or self.fusion)(e, x_img, batch.cu_images, x_txt, batch.cu_titles)
         if self.projection is not None:
             e = e @ self.projection.weight.float().t()
         return e

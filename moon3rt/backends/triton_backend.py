@@ -38,7 +38,7 @@ from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import apply_mrope_, apply_vision_rope_
 from ..kernels.swiglu import swiglu_packed
 from ..kernels.varlen_attention import varlen_attention
-from ..model import Moon3Model, PackedBatch, vision_positions
+from ..model import Moon3Model, PackedBatch, rope_inv_freq, vision_positions
 
 
 def _concat_into_views(modules_and_names: list[tuple[nn.Module, str]]) -> torch.Tensor:
@@ -80,13 +80,8 @@ class TritonBackend:
             m = layer.mlp
             self.gate_up.append(_concat_into_views([(m.gate_proj, "weight"), (m.up_proj, "weight")]))
         t, v = self.cfg.text, self.cfg.vision
-        self.text_inv_freq = 1.0 / t.rope_theta ** (
-            torch.arange(0, t.head_dim, 2, dtype=torch.float32, device=device) / t.head_dim
-        )
-        quarter = v.head_dim // 2
-        self.vision_inv_freq = 1.0 / v.rope_theta ** (
-            torch.arange(0, quarter, 2, dtype=torch.float32, device=device) / quarter
-        )
+        self.text_inv_freq = rope_inv_freq(t.rope_theta, t.head_dim, device)
+        self.vision_inv_freq = rope_inv_freq(v.rope_theta, v.head_dim // 2, device)
 
     # ------------------------------------------------------------------------ vision
     def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +224,7 @@ class TritonBackend:
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         h, v = self.hidden_states(batch)
         index = self._head_inputs(batch)
-        return self.heads(self.model.pool(h, index), v, index)
+        return self.model.heads(self.model.pool(h, index), v, index, fusion=self.fusion)
 
     def _head_inputs(self, batch: PackedBatch) -> PackedBatch:
         """The batch without its pixels, on the device: what pooling and the heads read."""
@@ -238,13 +233,4 @@ class TritonBackend:
 
     def heads(self, e: torch.Tensor, v: torch.Tensor | None, batch: PackedBatch) -> torch.Tensor:
         """MHMF (fused) and projection of the pooled states e (B, d); (B, out) fp32."""
-        model = self.model
-        batch = self._head_inputs(batch)
-        e = e.float()
-        if model.fusion is not None:
-            x_img = v if v is not None else e.new_zeros(0, e.shape[1])
-            x_txt = model.language_model.embed_tokens(batch.input_ids[batch.title_index])
-            e = self.fusion(e, x_img, batch.cu_images, x_txt, batch.cu_titles)
-        if model.projection is not None:
-            e = e @ model.projection.weight.float().t()
-        return e
+        return self.model.heads(e, v, self._head_inputs(batch), fusion=self.fusion)
