@@ -9,14 +9,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from crafted import packed, prepared
 from moon3rt.export.export_onnx import ExportError, export_onnx, fp32_model, main  # noqa: E402
 from moon3rt.export.onnx_model import OUTPUT, export_inputs  # noqa: E402
-from PIL import Image
 
 import moon3rt  # noqa: E402
 from moon3rt.batching import pack  # noqa: E402
 from moon3rt.config import Moon3Config  # noqa: E402
-from moon3rt.images import preprocess_image  # noqa: E402
 from moon3rt.model import Moon3Model, random_model  # noqa: E402
 from moon3rt.prompt import PromptBuilder, load_tokenizer  # noqa: E402
 
@@ -37,21 +36,6 @@ BATCHES = {
     ],
     "text-only": [("navy linen shirt", []), (LONG_TITLE, []), ("x", []), ("brown suede shoes, size 42", [])],
 }
-
-
-def image(h, w, seed):
-    rng = np.random.default_rng(seed)
-    pil = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    return preprocess_image(pil, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
-
-
-def prepared(builder, spec):
-    return [builder.build(title, [image(h, w, 7 * i + j) for j, (h, w) in enumerate(sizes)])
-            for i, (title, sizes) in enumerate(spec)]
-
-
-def build(builder, spec):
-    return pack(prepared(builder, spec))
 
 
 def tiny(pooling="emb_token", backbone=False, flavour=None):
@@ -125,13 +109,13 @@ def test_graph_passes_checker_with_dynamic_dims_and_metadata(exported, model):
 
 @pytest.mark.parametrize("case", list(BATCHES))
 def test_onnxruntime_matches_torch(sessions, model, builder, case):
-    compare(sessions[0], model, build(builder, BATCHES[case]), name=case)
+    compare(sessions[0], model, packed(builder, BATCHES[case]), name=case)
 
 
 def test_text_only_graph(sessions, model, builder):
-    compare(sessions[1], model, build(builder, BATCHES["text-only"]), vision=False, name="text-only graph")
+    compare(sessions[1], model, packed(builder, BATCHES["text-only"]), vision=False, name="text-only graph")
     with pytest.raises(ValueError, match="text-only graph cannot take images"):
-        export_inputs(build(builder, BATCHES["1-item-1-image"]), model.cfg, vision=False)
+        export_inputs(packed(builder, BATCHES["1-item-1-image"]), model.cfg, vision=False)
 
 
 def test_item_alone_equals_item_in_batch(sessions, model, builder):
@@ -151,8 +135,8 @@ def test_every_pooling_and_flavour_exports(variant, builder, tmp_path):
     path = export_onnx(net, tmp_path / "model.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     local = PromptBuilder(net.cfg, load_tokenizer(TOKENIZER))
-    compare(session, net, build(local, BATCHES["3-items-mixed"]), name=variant)
-    compare(session, net, build(local, BATCHES["text-only"]), name=f"{variant} text-only")
+    compare(session, net, packed(local, BATCHES["3-items-mixed"]), name=variant)
+    compare(session, net, packed(local, BATCHES["text-only"]), name=f"{variant} text-only")
 
 
 def test_bf16_model_exports_in_fp32(builder, tmp_path):
@@ -162,10 +146,10 @@ def test_bf16_model_exports_in_fp32(builder, tmp_path):
     assert next(net.parameters()).dtype == torch.bfloat16  # the model itself is left as it was
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # the graph is the bf16 weights evaluated in fp32
-    compare(session, fp32_model(net), build(builder, BATCHES["3-items-mixed"]), name="bf16 weights, fp32 graph")
+    compare(session, fp32_model(net), packed(builder, BATCHES["3-items-mixed"]), name="bf16 weights, fp32 graph")
     with torch.no_grad():
-        bf16 = net(build(builder, BATCHES["3-items-mixed"])).numpy()
-    got = run(session, build(builder, BATCHES["3-items-mixed"]), net.cfg)
+        bf16 = net(packed(builder, BATCHES["3-items-mixed"])).numpy()
+    got = run(session, packed(builder, BATCHES["3-items-mixed"]), net.cfg)
     cos = (got * bf16).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(bf16, axis=-1)
     print(f"bf16 torch vs fp32 graph: min cosine {cos.min():.5f}")
     assert cos.min() > 0.99
@@ -177,8 +161,8 @@ def test_dynamo_exporter_gives_the_same_graph_inputs_and_results(model, builder,
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     reference = ort.InferenceSession(str(exported[0]), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [i.name for i in reference.get_inputs()]
-    compare(session, model, build(builder, BATCHES["7-items-mixed"]), name="dynamo exporter")
-    compare(session, model, build(builder, BATCHES["text-only"]), name="dynamo exporter, text-only")
+    compare(session, model, packed(builder, BATCHES["7-items-mixed"]), name="dynamo exporter")
+    compare(session, model, packed(builder, BATCHES["text-only"]), name="dynamo exporter, text-only")
 
 
 def test_large_weights_go_to_one_external_data_file(model, builder, tmp_path, monkeypatch):
@@ -189,7 +173,7 @@ def test_large_weights_go_to_one_external_data_file(model, builder, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.json", "big.onnx", "big.onnx.data"]
     assert path.stat().st_size < 200_000  # the graph alone
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    compare(session, model, build(builder, BATCHES["3-items-mixed"]), name="external data")
+    compare(session, model, packed(builder, BATCHES["3-items-mixed"]), name="external data")
 
 
 def test_api_onnxruntime_backend_matches_torch(monkeypatch, tmp_path):
@@ -219,7 +203,7 @@ def test_api_onnxruntime_backend_matches_torch(monkeypatch, tmp_path):
 def test_backend_cuts_big_batches_by_whole_items(model, builder, tmp_path):
     from moon3rt.backends.onnxruntime_backend import OnnxRuntimeBackend, split_items
 
-    batch = build(builder, BATCHES["7-items-mixed"])
+    batch = packed(builder, BATCHES["7-items-mixed"])
     budget = (batch.input_ids.numel() + batch.pixel_values.shape[0]) // 4
     parts = split_items(batch, budget, merge=2)
     assert 3 <= len(parts) < 7 and sum(p.num_items for p in parts) == 7
@@ -257,7 +241,7 @@ def test_unsupported_opset_and_model_are_clear_errors(model, tmp_path, capsys):
 
 
 def test_mismatched_image_tokens_are_rejected(model, builder):
-    batch = build(builder, BATCHES["1-item-1-image"])
+    batch = packed(builder, BATCHES["1-item-1-image"])
     batch.input_ids[torch.nonzero(batch.input_ids == model.cfg.image_token_id)[0]] = 11
     with pytest.raises(ValueError, match=r"<\|image_pad\|> tokens but \d+ merged image tokens"):
         export_inputs(batch, model.cfg)

@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from crafted import noise_image
 from oracle import hf_last_hidden, random_hf_model
-from PIL import Image
 
 from moon3rt.batching import pack
 from moon3rt.checkpoint import load_model
 from moon3rt.config import Moon3Config
-from moon3rt.images import preprocess_image
 from moon3rt.prompt import PromptBuilder, load_tokenizer
 
 TOKENIZER = "moon3rt/assets/moon3-tiny/tokenizer.json"
@@ -38,17 +37,11 @@ def pair(request, tmp_path_factory):
     return hf, ours, builder
 
 
-def image(h, w, seed):
-    rng = np.random.default_rng(seed)
-    pil = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    return preprocess_image(pil, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
-
-
 CASES = {
-    "image+text": lambda b: b.build("Red cotton crew-neck t-shirt", [image(60, 90, 0)]),
-    "two-odd-images": lambda b: b.build("two views", [image(37, 101, 1), image(113, 47, 2)]),
+    "image+text": lambda b: b.build("Red cotton crew-neck t-shirt", [noise_image(60, 90, 0)]),
+    "two-odd-images": lambda b: b.build("two views", [noise_image(37, 101, 1), noise_image(113, 47, 2)]),
     "text-only": lambda b: b.build("navy linen shirt, size M", []),
-    "image-only": lambda b: b.build(None, [image(75, 75, 3)]),
+    "image-only": lambda b: b.build(None, [noise_image(75, 75, 3)]),
 }
 
 

@@ -15,12 +15,11 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
+from crafted import packed
 from moon3rt.export.export_onnx import ExportError, export_onnx
 from moon3rt.export.export_onnx import main as export_main
 from moon3rt.export.onnx_model import OUTPUT, export_inputs
@@ -46,11 +45,8 @@ from moon3rt.export.triton_aot import (
 from moon3rt.kernels.fire import fire_inject_ref, fire_prologue_ref
 from moon3rt.kernels.fusion_attention import fusion_attention_ref
 from moon3rt.kernels.testing import interpreter_or_cuda
-from PIL import Image
 
-from moon3rt.batching import pack
 from moon3rt.config import Moon3Config
-from moon3rt.images import preprocess_image
 from moon3rt.model import random_model
 from moon3rt.prompt import PromptBuilder, load_tokenizer
 
@@ -68,16 +64,6 @@ def tiny(**moon3):
     for key, value in moon3.items():
         setattr(cfg.moon3, key, value)
     return random_model(cfg.validate(), seed=5)
-
-
-def build(builder, spec):
-    rng = np.random.default_rng(0)
-    items = []
-    for title, sizes in spec:
-        images = [preprocess_image(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
-                                   min_pixels=56 * 56, max_pixels=28 * 28 * 64) for h, w in sizes]
-        items.append(builder.build(title, images))
-    return pack(items)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +139,7 @@ def test_registry_check_names_every_problem(graphs):
 def test_plugin_graph_with_reference_ops_equals_standard_graph(graphs, model, builder, graph):
     """The custom nodes evaluated by their torch references give the standard graph's output."""
     spec = ITEMS if graph == "plugins" else [item for item in ITEMS if not item[1]]
-    batch = build(builder, spec)
+    batch = packed(builder, spec)
     inputs = export_inputs(batch, model.cfg, vision=graph == "plugins")
     evaluator = reference_evaluator(str(graphs[graph]))
     got = evaluator.run([OUTPUT], {name: inputs[name] for name in evaluator.input_names})[0]
@@ -169,7 +155,7 @@ def test_plugin_graph_with_reference_ops_equals_standard_graph(graphs, model, bu
 
 
 def test_pooling_variants_and_backbone_export_plugin_graphs(builder, tmp_path):
-    batch = build(builder, ITEMS[:3])
+    batch = packed(builder, ITEMS[:3])
     for name, net, nodes in (("mean", tiny(pooling="mean"), {"FirePrologue", "FireInject", "FusionScores"}),
                              ("backbone", _backbone(), set())):
         path = export_onnx(net, tmp_path / f"{name}.onnx", plugins=True)
