@@ -20,6 +20,7 @@ and `ReasoningPlan` holds the token rules of the generation that follows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -155,12 +156,11 @@ class PromptBuilder:
             suppressed_ids=tuple(dict.fromkeys((cfg.image_token_id, cfg.video_token_id))),
         )
 
-    def build(self, title: str | None, images: list[PatchifiedImage], truncate: bool = True,
-              reasoning: bool = False) -> PreparedItem:
-        """The item's prompt: direct mode ends in the pool token; reasoning mode's is the
-        prefix that generation continues (its `pool_position` is its last token)."""
+    @functools.lru_cache(maxsize=64)  # one builder per encoder, alive as long as the encoder
+    def _template_ids(self, n_images: int, reasoning: bool) -> tuple[list[int], list[int]]:
+        """Token ids of the template around the title, the same for every item with as many images."""
         head = f"<|im_start|>system\n{self.cfg.instruction}<|im_end|>\n<|im_start|>user\n"
-        head += "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
+        head += "<|vision_start|><|image_pad|><|vision_end|>" * n_images
         if reasoning:
             r = self.cfg.reasoning
             tail = f"{r.prompt}<|im_end|>\n<|im_start|>assistant\n{r.start_marker}\n"
@@ -170,6 +170,13 @@ class PromptBuilder:
         tail_ids = self.tokenizer.encode(tail, add_special_tokens=False).ids
         if not reasoning:  # the pool token by id: its text need not survive a round trip through BPE
             tail_ids = tail_ids + [self.pool_id]
+        return head_ids, tail_ids
+
+    def build(self, title: str | None, images: list[PatchifiedImage], truncate: bool = True,
+              reasoning: bool = False) -> PreparedItem:
+        """The item's prompt: direct mode ends in the pool token; reasoning mode's is the
+        prefix that generation continues (its `pool_position` is its last token)."""
+        head_ids, tail_ids = self._template_ids(len(images), reasoning)
         # The title is user text: special-token strings in it ("<|im_end|>", "<emb>") are
         # ordinary characters, never template structure.
         title_ids = self.title_tokenizer.encode(title or "", add_special_tokens=False).ids
