@@ -72,38 +72,49 @@ def tensor_files(directory: Path) -> list[Path]:
     return found
 
 
-def read_state_dict(
-    directory: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint under our names, memory-mapped and cast to `dtype`."""
+def tensor_index(directory: str | os.PathLike) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Our name -> (file, checkpoint name, shape) of every tensor, read from the file headers only."""
     directory = Path(directory)
-    state: dict[str, torch.Tensor] = {}
-    source: dict[str, str] = {}  # our name -> the checkpoint name it came from
+    index: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
     duplicates = []
     for file in tensor_files(directory):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 ours = canonical_name(name)
-                if ours in source:  # two layouts in one checkpoint: which one is meant is unknowable
-                    duplicates.append(f"{source[ours]} and {name}")
+                if ours in index:  # two layouts in one checkpoint: which one is meant is unknowable
+                    duplicates.append(f"{index[ours][1]} and {name}")
                     continue
-                tensor = f.get_tensor(name)
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                state[ours], source[ours] = tensor.to(device), name
+                index[ours] = (file, name, tuple(f.get_slice(name).get_shape()))
     if duplicates:
         raise CheckpointError(f"{directory}: tensors stored twice under different names: {duplicates}")
+    return index
+
+
+def read_tensors(index: dict[str, tuple[Path, str, tuple[int, ...]]], dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The indexed tensors, memory-mapped, cast to `dtype` (floating point ones) and moved to `device`."""
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for ours, (file, name, _) in index.items():
+        by_file.setdefault(file, []).append((ours, name))
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for ours, name in names:
+                tensor = f.get_tensor(name)
+                cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                state[ours] = tensor.to(device=device, dtype=cast)
     return state
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def check_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """One CheckpointError listing every missing, unexpected and mis-shaped tensor."""
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     misshaped = [
-        f"{name}: checkpoint {tuple(state[name].shape)}, config expects {shape}"
+        f"{name}: checkpoint {shapes[name]}, config expects {shape}"
         for name, shape in sorted(expected.items())
-        if name in state and tuple(state[name].shape) != shape
+        if name in shapes and shapes[name] != shape
     ]
     if missing or unexpected or misshaped:
         parts = []
@@ -122,18 +133,21 @@ def load_model(
     device: torch.device | str = "cpu",
     flavour: str | None = None,
 ) -> Moon3Model:
-    """Build the model from ``config.json`` and fill it from the safetensors files."""
+    """Build the model from ``config.json`` and fill it from the safetensors files.
+
+    Names and shapes are checked from the file headers before any weight is read.
+    """
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json (is this a checkpoint directory?)")
     cfg = Moon3Config.from_json_file(directory / "config.json", flavour=flavour)
-    state = read_state_dict(directory, dtype=dtype, device=device)
+    index = tensor_index(directory)
     if cfg.text.tie_word_embeddings:
-        state.pop(LM_HEAD, None)  # tied: the LM head is embed_tokens.weight
+        index.pop(LM_HEAD, None)  # tied: the LM head is embed_tokens.weight
     with torch.device("meta"):
-        model = Moon3Model(cfg, lm_head=LM_HEAD in state)
-    check_state_dict(model, state, str(directory))
-    model.load_state_dict(state, assign=True)
+        model = Moon3Model(cfg, lm_head=LM_HEAD in index)
+    check_shapes(model, {name: entry[2] for name, entry in index.items()}, str(directory))
+    model.load_state_dict(read_tensors(index, dtype=dtype, device=device), assign=True)
     return model.eval()
 
 
