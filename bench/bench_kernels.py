@@ -49,6 +49,7 @@ from moon3rt.kernels.varlen_attention import varlen_attention, varlen_attention_
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reporting import git_commit  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from timing import copy_bandwidth, matmul_ceiling  # noqa: E402
 
 
 @dataclass
@@ -81,21 +82,9 @@ def timer(device: torch.device, smoke: bool) -> Callable[[Callable], float]:
 
 def measured_limits(device: torch.device, dtype: torch.dtype) -> dict:
     """Memory bandwidth (GB/s, a large copy) and matmul TFLOP/s (a large GEMM) on this device."""
-    if device.type != "cuda":
-        n = 1 << 22
-        a, b = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
-        t = timer(device, False)(lambda: b.copy_(a)) / 1e3
-        m = torch.randn(512, 512)
-        tm = timer(device, False)(lambda: m @ m) / 1e3
-        return {"bandwidth_gbs": 2 * n * 4 / t / 1e9, "matmul_tflops": 2 * 512**3 / tm / 1e12, "matmul_dtype": "fp32"}
-    n = 1 << 28  # 512 MiB in bf16
-    a = torch.empty(n, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    t = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") / 1e3
-    m = torch.randn(8192, 8192, dtype=dtype, device=device)
-    tm = triton.testing.do_bench(lambda: m @ m, return_mode="median") / 1e3
-    return {"bandwidth_gbs": 2 * n * 2 / t / 1e9, "matmul_tflops": 2 * 8192**3 / tm / 1e12,
-            "matmul_dtype": str(dtype).replace("torch.", "")}
+    ceiling = matmul_ceiling(device, dtype if device.type == "cuda" else torch.float32)
+    return {"bandwidth_gbs": copy_bandwidth(device), "matmul_tflops": ceiling["tflops"],
+            "matmul_dtype": ceiling["dtype"]}
 
 
 def build_cases(cfg: Moon3Config, items: int, device: torch.device, dtype: torch.dtype) -> list[Case]:

@@ -410,20 +410,6 @@ class Run:
         log(f"reasoning {name}, batch {size}: {row['items_per_s']:.1f} items/s, "
             f"{row['generated_tokens_per_s']:.0f} generated tokens/s, decode {row['decode_gb_per_s']:.0f} GB/s")
 
-    def measure_bandwidth(self) -> float | None:
-        """Device memory bandwidth (GB/s) from a large copy, the ceiling decode is judged against."""
-        n = (1 << 28) if self.device.type == "cuda" else (1 << 24)
-        a = torch.empty(n, dtype=torch.uint8, device=self.device)
-        b = torch.empty_like(a)
-        for _ in range(3):
-            b.copy_(a)
-        timing.synchronize(self.device)
-        t0 = time.perf_counter()
-        for _ in range(10):
-            b.copy_(a)
-        timing.synchronize(self.device)
-        return 2 * n * 10 / (time.perf_counter() - t0) / 1e9
-
     def include(self, path: Path) -> None:
         """Rows of an earlier run that this one did not measure, marked with their source."""
         earlier = json.loads(path.read_text())
@@ -477,7 +463,7 @@ class Run:
                 self.report["skipped"].append({"backend": name, "stage": "end_to_end",
                                                "reason": f"{type(err).__name__}: {err}"})
         if self.args.reasoning:
-            self.bandwidth_gbs = self.measure_bandwidth()
+            self.bandwidth_gbs = timing.copy_bandwidth(self.device)
             self.report["bandwidth_gbs"] = self.bandwidth_gbs
             for name in timed_backends:
                 try:

@@ -102,6 +102,21 @@ def time_calls(run: Callable, inputs: Sequence, device: torch.device, duration_s
     return Timing(latencies, warmup)
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Device memory bandwidth (GB/s) from a large device-to-device copy (read + write counted)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    synchronize(device)
+    return 2 * n * 10 / (time.perf_counter() - t0) / 1e9
+
+
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0) -> dict:
     """Measured dense GEMM rate (TFLOP/s): the roofline the model's FLOP rate is compared with.
 
