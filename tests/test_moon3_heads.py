@@ -35,6 +35,16 @@ def batch_for(encoder, objs):
     return pack([encoder.prepare(o, i) for i, o in enumerate(objs)])
 
 
+def plain_hidden_states(model, batch):
+    """Hidden states with FIRE taken out of the model (and put back)."""
+    fire = model.moon3.fire
+    del model.moon3.fire
+    try:
+        return model.hidden_states(batch)[0]
+    finally:
+        model.moon3.fire = fire
+
+
 def test_fire_with_zero_alpha_is_the_plain_backbone(encoder):
     batch = batch_for(encoder, items())
     model = encoder.model
@@ -44,12 +54,7 @@ def test_fire_with_zero_alpha_is_the_plain_backbone(encoder):
         model.moon3.fire.alpha.zero_()
         zero_alpha, _ = model.hidden_states(batch)
         model.moon3.fire.alpha.copy_(saved)
-        fire = model.moon3.fire
-        del model.moon3.fire
-        try:
-            plain, _ = model.hidden_states(batch)
-        finally:
-            model.moon3.fire = fire
+        plain = plain_hidden_states(model, batch)
     assert torch.equal(zero_alpha, plain), "alpha = 0 must leave every hidden state bit-identical"
     assert (with_fire - plain).abs().max() > 1e-4, "alpha != 0 must change the image-token states"
 
@@ -61,12 +66,7 @@ def test_fire_only_touches_image_rows_directly(encoder):
     first_image = int(torch.nonzero(batch.input_ids == encoder.config.image_token_id)[0])
     with torch.no_grad():
         h_fire, _ = model.hidden_states(batch)
-        fire = model.moon3.fire
-        del model.moon3.fire
-        try:
-            h_plain, _ = model.hidden_states(batch)
-        finally:
-            model.moon3.fire = fire
+        h_plain = plain_hidden_states(model, batch)
     assert torch.equal(h_fire[:first_image], h_plain[:first_image])
 
 
