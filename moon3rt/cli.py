@@ -162,7 +162,7 @@ def cmd_demo(args) -> int:
     encoder = moon3rt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                            flavour=args.flavour)
     print(f"{encoder}")
-    if args.model in ("moon3-tiny", "moon3-2b", "qwen2-vl-2b"):
+    if args.model in ("moon3-tiny-random", "moon3-2b", "qwen2-vl-2b"):
         print("note: presets have deterministic RANDOM weights; the scores below show the pipeline "
               "working, not retrieval quality. Pass --model PATH for a real checkpoint.")
     start = time.perf_counter()
@@ -184,6 +184,30 @@ def cmd_demo(args) -> int:
     n = len(items) + len(queries)
     print(f"\nembedded {n} items in {seconds:.2f} s ({n / seconds:.1f} items/s) on {encoder.device}")
     return 0
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    from moon3rt.eval import add_arguments
+
+    add_arguments(p)
+
+
+def cmd_eval(args) -> int:
+    from moon3rt.eval import main as eval_main
+
+    return eval_main(args)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from moon3rt.train.cli import add_arguments
+
+    add_arguments(p)
+
+
+def cmd_train(args) -> int:
+    from moon3rt.train.cli import main as train_main
+
+    return train_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the config, parameter count and modules present")
     _add_model_args(info)
     info.set_defaults(func=cmd_info)
+
+    evaluate = sub.add_parser("eval", help="retrieval (Recall@K, MRR, nDCG) and zero-shot attribute accuracy")
+    _add_model_args(evaluate)
+    _add_eval_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    train = sub.add_parser("train", help="train a MOON3 model (contrastive cold start; see docs/TRAINING.md)")
+    _add_train_args(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 
