@@ -28,6 +28,9 @@ from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER = ASSETS / "moon3-tiny" / "tokenizer.json"
+# The embedded default: weights trained by `python -m moon3rt train --recipe moon3-tiny`
+# (docs/TRAINING.md). The random-weight architecture stays available as "moon3-tiny-random".
+TRAINED_DEFAULT = ASSETS / "moon3-tiny"
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -337,6 +340,9 @@ def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | N
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     name = os.fspath(model)
+    if (name == "moon3-tiny" and device.type != "meta" and not Path(name).is_dir()
+            and (TRAINED_DEFAULT / "model.safetensors").exists()):
+        return _load_directory(TRAINED_DEFAULT, name, device, dtype, backend, flavour, reasoning)
     if name in PRESETS and not Path(name).is_dir():
         cfg = Moon3Config.from_name(name)
         if flavour is not None:
@@ -347,6 +353,10 @@ def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | N
     directory = Path(name)
     if not directory.is_dir():
         raise ValueError(f"model {name!r} is neither a preset ({sorted(PRESETS)}) nor a checkpoint directory")
+    return _load_directory(directory, name, device, dtype, backend, flavour, reasoning)
+
+
+def _load_directory(directory: Path, name: str, device, dtype, backend, flavour, reasoning) -> Encoder:
     if not (directory / "tokenizer.json").exists():
         raise CheckpointError(f"{directory}: no tokenizer.json")
     net = load_model(directory, dtype=dtype, device=device, flavour=flavour)

@@ -540,3 +540,6 @@ PRESETS: dict[str, Moon3Config] = {
     ),
     "qwen2-vl-2b": Moon3Config(vision=VisionConfig(), text=TextConfig(), flavour="qwen2-vl", **_tiny_ids()),
 }
+# The embedded default's architecture with deterministic random weights (tests, benchmarks);
+# `moon3rt.load("moon3-tiny")` loads the trained weights shipped in moon3rt/assets/moon3-tiny/.
+PRESETS["moon3-tiny-random"] = copy.deepcopy(PRESETS["moon3-tiny"])

@@ -16,4 +16,4 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def tiny_config() -> Moon3Config:
-    return Moon3Config.from_name("moon3-tiny")
+    return Moon3Config.from_name("moon3-tiny-random")

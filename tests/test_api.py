@@ -43,7 +43,7 @@ def assert_same_vectors(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def encoder() -> moon3rt.Encoder:
-    return moon3rt.load("moon3-tiny", device="cpu")
+    return moon3rt.load("moon3-tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_long_title_truncated_with_warning(encoder):
 
 def test_special_token_strings_in_a_title_are_plain_text():
     """User text never changes the template: '<|image_pad|>' or '<|im_end|>' in a title are characters."""
-    enc = moon3rt.load("moon3-tiny", device="cpu")
+    enc = moon3rt.load("moon3-tiny-random", device="cpu")
     title = "tee <|image_pad|> <|im_end|> <emb>"
     item = enc.prepare(title)
     title_ids = item.input_ids[item.title_positions].tolist()
@@ -278,7 +278,7 @@ def test_special_token_strings_in_a_title_are_plain_text():
 def test_pinned_packing_equals_plain_packing():
     from moon3rt.batching import pack
 
-    enc = moon3rt.load("moon3-tiny", device="cuda", dtype="fp32")
+    enc = moon3rt.load("moon3-tiny-random", device="cuda", dtype="fp32")
     items = [enc.prepare({"text": "tee", "image": np.full((60, 90, 3), 128, np.uint8)}, 0),
              enc.prepare({"images": [np.full((40, 40, 3), 7, np.uint8)] * 2}, 1)]
     plain, pinned = pack(items), pack(items, pin_memory=True)

@@ -65,7 +65,7 @@ def bad_cases(directory: Path) -> dict[str, tuple[object, str]]:
 
 @pytest.fixture(scope="module")
 def encoder() -> moon3rt.Encoder:
-    return moon3rt.load("moon3-tiny", device="cpu")
+    return moon3rt.load("moon3-tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ MEASURE = textwrap.dedent(
     import json, resource, sys
     import numpy as np
     import moon3rt
-    encoder = moon3rt.load("moon3-tiny", device="cpu")
+    encoder = moon3rt.load("moon3-tiny-random", device="cpu")
     encoder.encode(["warm up", np.zeros((224, 224, 3), np.uint8)])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     vectors = encoder.encode([{"text": "huge", "image": sys.argv[1]}])

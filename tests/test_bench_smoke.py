@@ -23,7 +23,7 @@ def throughput():
 
 def test_throughput_smoke(throughput, tmp_path):
     report = throughput.main([
-        "--model", "moon3-tiny", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "2",
+        "--model", "moon3-tiny-random", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "2",
         "--duration", "0.2", "--warmup", "0.05", "--items", "4", "--backends", "torch,transformers",
         "--out-dir", str(tmp_path),
     ])
@@ -35,7 +35,7 @@ def test_throughput_smoke(throughput, tmp_path):
         assert key in saved, key
     for key in ("device_name", "driver", "cuda", "torch", "triton", "transformers", "git_commit"):
         assert key in saved["environment"], key
-    assert saved["config"]["batch_sizes"] == [2] and saved["config"]["model"] == "moon3-tiny"
+    assert saved["config"]["batch_sizes"] == [2] and saved["config"]["model"] == "moon3-tiny-random"
     assert saved["ceiling"]["tflops"] > 0
     assert saved["flops"]["per_item"] > 0
 
@@ -114,7 +114,7 @@ def test_flops_2b_reference_item(throughput):
 
 def test_reasoning_smoke(throughput, tmp_path):
     report = throughput.main([
-        "--model", "moon3-tiny", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "2", "--items", "4",
+        "--model", "moon3-tiny-random", "--device", "cpu", "--dtype", "fp32", "--batch-sizes", "2", "--items", "4",
         "--backends", "torch", "--skip-peers", "--reasoning-only", "--reasoning-tokens", "3", "--no-plot",
         "--out-dir", str(tmp_path),
     ])

@@ -63,7 +63,7 @@ def assert_matches_transformers(encoder, hf, mrope: bool = True) -> None:
 # ------------------------------------------------------------------- transformers checkpoints
 @pytest.fixture(scope="module")
 def hf_model():
-    return random_hf_model(Moon3Config.from_name("moon3-tiny"))
+    return random_hf_model(Moon3Config.from_name("moon3-tiny-random"))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_save_pretrained_layout(hf_dir):
 
 @pytest.fixture(scope="module")
 def conditional_generation(hf_model):
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     model = Qwen2VLForConditionalGeneration(hf_config(cfg)).eval()
     model.model.load_state_dict(hf_model.state_dict())
     return model
@@ -150,7 +150,7 @@ def assert_same_model(a, b) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return random_model(Moon3Config.from_name("moon3-tiny"), seed=3)
+    return random_model(Moon3Config.from_name("moon3-tiny-random"), seed=3)
 
 
 def test_round_trip_single_file(tiny_model, tmp_path):
@@ -174,7 +174,7 @@ def test_round_trip_sharded(tiny_model, tmp_path):
 
 def test_resave_in_other_layout_replaces_old_weights(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path, max_shard_bytes=60_000)
-    other = random_model(Moon3Config.from_name("moon3-tiny"), seed=4)
+    other = random_model(Moon3Config.from_name("moon3-tiny-random"), seed=4)
     save_model(other, tmp_path)  # single file now: the old index must not win
     assert not (tmp_path / INDEX_FILE).exists() and not list(tmp_path.glob("model-*-of-*"))
     assert_same_model(other, load_model(tmp_path))
@@ -192,7 +192,7 @@ def test_load_in_bf16_casts(tiny_model, tmp_path):
 
 
 def test_moon3_checkpoint_embeds_like_preset(tmp_path):
-    preset = moon3rt.load("moon3-tiny", seed=0)
+    preset = moon3rt.load("moon3-tiny-random", seed=0)
     save_model(preset.model, tmp_path, max_shard_bytes=60_000)
     shutil.copy(TOKENIZER, tmp_path)
     loaded = moon3rt.load(tmp_path)
@@ -321,7 +321,7 @@ def test_moon3_block_detected(tiny_model, tmp_path):
 
 
 def test_tokenizer_larger_than_the_vocabulary_fails_at_load():
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     cfg.text.vocab_size = 300  # the shipped tokenizer has 1024 tokens
     from moon3rt.model import random_model
     from moon3rt.prompt import PromptBuilder, load_tokenizer
@@ -350,7 +350,7 @@ def test_gme_is_detected_by_word_not_substring(name, flavour):
 def test_malformed_moon3_block_is_a_config_error(block, message):
     from moon3rt.config import ConfigError
 
-    raw = Moon3Config.from_name("moon3-tiny").to_dict()
+    raw = Moon3Config.from_name("moon3-tiny-random").to_dict()
     raw["moon3"] = block
     with pytest.raises(ConfigError, match=message):
         Moon3Config.from_dict(raw)

@@ -59,7 +59,7 @@ def test_encode_strict_stops_with_the_bad_items(tmp_path, capsys):
 
 
 def test_info_lists_modules(capsys):
-    assert main(["info", "--model", "moon3-tiny"]) == 0
+    assert main(["info", "--model", "moon3-tiny-random"]) == 0
     out = capsys.readouterr().out
     for line in ("flavour:     moon3", "FIRE", "(layers [0, 2], rank 8)", "MHMF fusion", "output dim:  48"):
         assert line in out, line
@@ -77,8 +77,8 @@ def test_demo_prints_a_similarity_table():
     result = subprocess.run([sys.executable, "-m", "moon3rt", "demo"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "RANDOM weights" in out
-    assert "sku-001" in out and "best match for 'red cotton t-shirt'" in out
+    assert "RANDOM weights" not in out  # the default is the trained model
+    assert "best match for 'leather shoes': sku-004" in out and "best match for 'red cotton t-shirt'" in out
     assert "embedded 12 items" in out
 
 

@@ -39,7 +39,7 @@ BATCHES = {
 
 
 def tiny(pooling="emb_token", backbone=False, flavour=None):
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     if backbone:
         cfg.moon3 = None
     else:
@@ -140,7 +140,7 @@ def test_every_pooling_and_flavour_exports(variant, builder, tmp_path):
 
 
 def test_bf16_model_exports_in_fp32(builder, tmp_path):
-    net = random_model(Moon3Config.from_name("moon3-tiny"), seed=3, dtype=torch.bfloat16)
+    net = random_model(Moon3Config.from_name("moon3-tiny-random"), seed=3, dtype=torch.bfloat16)
     path = export_onnx(net, tmp_path / "model.onnx")
     assert json.loads(path.with_suffix(".json").read_text())["source_dtype"] == "bfloat16"
     assert next(net.parameters()).dtype == torch.bfloat16  # the model itself is left as it was
@@ -182,8 +182,8 @@ def test_api_onnxruntime_backend_matches_torch(monkeypatch, tmp_path):
     items = [{"text": r["text"], "image": CATALOGUE / r["image"]} for r in rows]
     items += ["navy linen shirt", {"image": CATALOGUE / "green_mug.png"},
               {"text": "two views", "images": [CATALOGUE / "red_dress.jpg", CATALOGUE / "green_mug.png"]}]
-    ref = moon3rt.load("moon3-tiny", device="cpu").encode(items)
-    encoder = moon3rt.load("moon3-tiny", device="cpu", backend="onnxruntime")
+    ref = moon3rt.load("moon3-tiny-random", device="cpu").encode(items)
+    encoder = moon3rt.load("moon3-tiny-random", device="cpu", backend="onnxruntime")
     assert encoder.backend.name == "onnxruntime"
     got = encoder.encode(items)
     assert np.abs(got - ref).max() <= ATOL
@@ -195,7 +195,7 @@ def test_api_onnxruntime_backend_matches_torch(monkeypatch, tmp_path):
     assert np.abs(encoder.encode(items, dim=32) - short).max() <= ATOL
     # a second encoder finds the export in the cache instead of exporting again
     stamp = path.stat().st_mtime_ns
-    again = moon3rt.load("moon3-tiny", device="cpu", backend="onnxruntime")
+    again = moon3rt.load("moon3-tiny-random", device="cpu", backend="onnxruntime")
     assert np.abs(again.encode(items[:2]) - ref[:2]).max() <= ATOL
     assert again.backend.model_path == path and path.stat().st_mtime_ns == stamp
 
@@ -215,7 +215,7 @@ def test_backend_cuts_big_batches_by_whole_items(model, builder, tmp_path):
 
 
 def test_cli_exports_and_verifies(tmp_path, capsys):
-    assert main(["--model", "moon3-tiny", "--out", str(tmp_path / "m.onnx"), "--verify"]) == 0
+    assert main(["--model", "moon3-tiny-random", "--out", str(tmp_path / "m.onnx"), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "max abs error" in out and (tmp_path / "m.json").exists()
     error = float(out.rsplit("max abs error", 1)[1].split(",")[0])
@@ -229,14 +229,14 @@ def test_unsupported_opset_and_model_are_clear_errors(model, tmp_path, capsys):
     with pytest.raises(ExportError, match="neither a preset"):
         export_onnx("moon3-huge", tmp_path / "m.onnx")
     with torch.device("meta"):
-        hollow = Moon3Model(Moon3Config.from_name("moon3-tiny"))
+        hollow = Moon3Model(Moon3Config.from_name("moon3-tiny-random"))
     with pytest.raises(ExportError, match="meta device"):
         export_onnx(hollow, tmp_path / "m.onnx")
     broken = tiny()
     broken.cfg.moon3.pooling = "cls"  # a config edited after the model was built
     with pytest.raises(ValueError, match="moon3.pooling='cls' is not one of"):
         export_onnx(broken, tmp_path / "m.onnx")
-    assert main(["--model", "moon3-tiny", "--out", str(tmp_path / "m.onnx"), "--opset", "9"]) == 2
+    assert main(["--model", "moon3-tiny-random", "--out", str(tmp_path / "m.onnx"), "--opset", "9"]) == 2
     assert "opset 9 is not supported" in capsys.readouterr().err
 
 
@@ -250,4 +250,4 @@ def test_mismatched_image_tokens_are_rejected(model, builder):
 def test_missing_onnxruntime_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"pip install 'moon3rt\[onnx\]'"):
-        moon3rt.load("moon3-tiny", device="cpu", backend="onnxruntime")
+        moon3rt.load("moon3-tiny-random", device="cpu", backend="onnxruntime")

@@ -46,7 +46,7 @@ def gme_fetch_image(image: Image.Image) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def gme(tmp_path_factory):
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     cfg.moon3, cfg.flavour = None, "qwen2-vl"
     hf = random_hf_model(cfg.validate(), seed=3)
     path = tmp_path_factory.mktemp("gme")

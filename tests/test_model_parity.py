@@ -16,7 +16,7 @@ ATOL = 1e-4
 
 
 def backbone_config(flavour: str) -> Moon3Config:
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     cfg.moon3 = None
     cfg.flavour = flavour
     return cfg.validate()

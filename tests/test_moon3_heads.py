@@ -17,7 +17,7 @@ from moon3rt.model import embed, random_model
 
 @pytest.fixture(scope="module")
 def encoder():
-    return moon3rt.load("moon3-tiny", device="cpu", dtype="fp32")
+    return moon3rt.load("moon3-tiny-random", device="cpu", dtype="fp32")
 
 
 def items():
@@ -138,7 +138,7 @@ def test_matryoshka_truncates_then_normalises(encoder):
 
 @pytest.mark.parametrize("pooling", ["emb_token", "last", "mean"])
 def test_pooling_reads_the_right_states(pooling):
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     cfg.moon3.pooling = pooling
     cfg.moon3.fusion = None
     cfg.moon3.projection_dim = None

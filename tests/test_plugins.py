@@ -60,7 +60,7 @@ ITEMS = [("two views", [(37, 101), (113, 47)]), ("navy linen shirt, size M", [])
 
 
 def tiny(**moon3):
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     for key, value in moon3.items():
         setattr(cfg.moon3, key, value)
     return random_model(cfg.validate(), seed=5)
@@ -169,17 +169,17 @@ def test_pooling_variants_and_backbone_export_plugin_graphs(builder, tmp_path):
 
 
 def _backbone():
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     cfg.moon3 = None
     return random_model(cfg.validate(), seed=5)
 
 
 def test_plugin_export_cli_verifies_and_dynamo_is_refused(tmp_path, capsys):
-    assert export_main(["--model", "moon3-tiny", "--out", str(tmp_path / "p.onnx"), "--plugins", "--verify"]) == 0
+    assert export_main(["--model", "moon3-tiny-random", "--out", str(tmp_path / "p.onnx"), "--plugins", "--verify"]) == 0
     out = capsys.readouterr().out
     assert "reference evaluator" in out and float(out.rsplit("max abs error", 1)[1].split(",")[0]) <= ATOL
     with pytest.raises(ExportError, match="plugin graph needs the TorchScript-based exporter"):
-        export_onnx("moon3-tiny", tmp_path / "d.onnx", opset=18, dynamo=True, plugins=True)
+        export_onnx("moon3-tiny-random", tmp_path / "d.onnx", opset=18, dynamo=True, plugins=True)
 
 
 def test_stable_partition_packs_masked_tokens_first():
@@ -282,7 +282,7 @@ def _no_interpreter_env():
 
 
 # model -> archs: moon3-2b's sizes (rank 64, d = 1536) are where shared memory is largest
-PTX_CASES = {"moon3-tiny": (80, 90), "moon3-2b": (90,)}
+PTX_CASES = {"moon3-tiny-random": (80, 90), "moon3-2b": (90,)}
 
 
 @pytest.fixture(scope="module", params=list(PTX_CASES))
@@ -489,7 +489,7 @@ _REGISTER_SCRIPT = _FAKE_TRT + textwrap.dedent('''
     from moon3rt.export.plugins import PLUGINS
     ids = register_plugins()
     report = {"ids": ids}
-    for op, (shapes, attrs) in plugin_shapes(Moon3Config.from_name("moon3-tiny")).items():
+    for op, (shapes, attrs) in plugin_shapes(Moon3Config.from_name("moon3-tiny-random")).items():
         name = "moon3rt::" + op
         descs = [TensorDesc(s, t.dtype) for s, t in zip(shapes, PLUGINS[op].inputs)]
         outs = REG[name](*descs, **attrs)
@@ -501,7 +501,7 @@ _REGISTER_SCRIPT = _FAKE_TRT + textwrap.dedent('''
     # aot_impl refuses a kernel above the shared memory TensorRT gives it (the limit lowered here)
     from moon3rt.export import triton_aot
     triton_aot.MAX_PLUGIN_SHARED = 1024
-    shapes, attrs = plugin_shapes(Moon3Config.from_name("moon3-tiny"))["FireInject"]
+    shapes, attrs = plugin_shapes(Moon3Config.from_name("moon3-tiny-random"))["FireInject"]
     descs = [TensorDesc(s, t.dtype) for s, t in zip(shapes, PLUGINS["FireInject"].inputs)]
     try:
         AOT["moon3rt::FireInject"](*descs, *attrs.values(), REG["moon3rt::FireInject"](*descs, **attrs), 0)

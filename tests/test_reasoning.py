@@ -44,7 +44,7 @@ ITEMS = [
 
 
 def untied_config() -> Moon3Config:
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     cfg.text.tie_word_embeddings = False
     return cfg
 
@@ -59,7 +59,7 @@ def lively_encoder(backend: str = "torch") -> Encoder:
 
 @pytest.fixture(scope="module")
 def tiny() -> Encoder:
-    return moon3rt.load("moon3-tiny", device="cpu")
+    return moon3rt.load("moon3-tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_early_and_late_finishers(lively, monkeypatch):
 def test_reasoning_false_is_direct_mode(tiny):
     direct = tiny.encode(ITEMS)
     np.testing.assert_array_equal(tiny.encode(ITEMS, reasoning=False), direct)
-    reasoner = moon3rt.load("moon3-tiny", device="cpu", reasoning=True)
+    reasoner = moon3rt.load("moon3-tiny-random", device="cpu", reasoning=True)
     assert reasoner.reasoning is True
     np.testing.assert_array_equal(reasoner.encode(ITEMS, reasoning=False), direct)
     assert tiny.encode_with_report(ITEMS).reasoning is None
@@ -257,7 +257,7 @@ def encoder_for(cfg: Moon3Config, **kwargs) -> Encoder:
     ],
 )
 def test_configs_that_cannot_reason(edit, match):
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     edit(cfg.moon3)
     encoder = encoder_for(cfg.validate())
     unit_rows(encoder.encode(ITEMS[:2]))  # direct mode is unaffected
@@ -266,7 +266,7 @@ def test_configs_that_cannot_reason(edit, match):
 
 
 def test_plain_backbone_cannot_reason():
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     cfg.moon3, cfg.flavour = None, "qwen2-vl"
     encoder = encoder_for(cfg.validate())
     with pytest.raises(ValueError, match="needs a MOON3 checkpoint"):

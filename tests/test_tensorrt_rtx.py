@@ -77,7 +77,7 @@ def rtx():
 def graph(tmp_path_factory):
     """moon3-tiny's standard graph with small recorded ranges (T, P up to 1024, B up to 8)."""
     out = tmp_path_factory.mktemp("rtx")
-    return export_onnx("moon3-tiny", out / "model.onnx", max_batch_tokens=1024, max_batch_items=8)
+    return export_onnx("moon3-tiny-random", out / "model.onnx", max_batch_tokens=1024, max_batch_items=8)
 
 
 def _check_engine(rtx, path: Path) -> tuple:
@@ -127,7 +127,7 @@ def test_tensorrt_rtx_refuses_hopper_and_the_plugin_graph(rtx, graph, tmp_path):
         build_engine(graph, tmp_path / "e", "fp16", compute_capability=[90], flavour="tensorrt_rtx")
     with pytest.raises(BuildError, match="TensorRT-RTX needs --compute-capability"):
         build_engine(graph, tmp_path / "e", "fp16", flavour="tensorrt_rtx")
-    plugins = export_onnx("moon3-tiny", tmp_path / "plugins.onnx", plugins=True)
+    plugins = export_onnx("moon3-tiny-random", tmp_path / "plugins.onnx", plugins=True)
     with pytest.raises(BuildError, match="plugin graph needs full TensorRT"):
         build_engine(plugins, tmp_path / "e", "fp16", compute_capability=[89], flavour="tensorrt_rtx")
 
@@ -182,7 +182,7 @@ def test_gemm_precision_pass_keeps_the_graph_close(graph, tmp_path):
 
     from moon3rt.config import Moon3Config
 
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     inputs = export_inputs(example_batch(cfg), cfg)
     ref_session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     ref = ref_session.run(None, {i.name: inputs[i.name] for i in ref_session.get_inputs()})[0]
@@ -262,7 +262,7 @@ def test_tensorrt_backend_errors_without_cuda_or_tensorrt(monkeypatch):
     from moon3rt.backends import tensorrt_backend
 
     with pytest.raises(ValueError, match="backend='tensorrt' runs engines on a CUDA device, not 'cpu'"):
-        moon3rt.load("moon3-tiny", device="cpu", backend="tensorrt")
+        moon3rt.load("moon3-tiny-random", device="cpu", backend="tensorrt")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA device and torch sees none"):
         tensorrt_backend.require_cuda(torch.device("cuda"))
@@ -276,7 +276,7 @@ def test_tensorrt_backend_binds_graph_inputs_in_engine_dtypes():
     from moon3rt.backends.tensorrt_backend import batch_sizes, prepare_bindings, split_for_engine
     from moon3rt.config import Moon3Config
 
-    cfg = Moon3Config.from_name("moon3-tiny")
+    cfg = Moon3Config.from_name("moon3-tiny-random")
     batch = example_batch(cfg)
     inputs = export_inputs(batch, cfg)
     engine = {"input_ids": torch.int64, "position_ids": torch.int64, "token_item": torch.int32,
@@ -314,7 +314,7 @@ def test_tensorrt_backend_cache_keys(monkeypatch, tmp_path):
                    "kernels/fusion_attention.py", "export/plugins.py", "export/plugin_model.py"}
     assert plugin_code <= named(True) and not plugin_code & named(False)
     assert {"export/build_engine.py", "export/precision.py"} <= named(False)
-    model = random_model(Moon3Config.from_name("moon3-tiny"), seed=0)
+    model = random_model(Moon3Config.from_name("moon3-tiny-random"), seed=0)
     before = {plugins: tb.engine_digest(model, plugins) for plugins in (False, True)}
     monkeypatch.setattr(triton, "__version__", "0.0.0")
     assert tb.engine_digest(model, True) != before[True] and tb.engine_digest(model, False) == before[False]

@@ -26,8 +26,8 @@ def items(seed=0, image_size=(64, 96)):
 @pytest.fixture(scope="module")
 def pair():
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return (moon3rt.load("moon3-tiny", device=device, dtype="fp32"),
-            moon3rt.load("moon3-tiny", device=device, dtype="fp32", backend="triton"))
+    return (moon3rt.load("moon3-tiny-random", device=device, dtype="fp32"),
+            moon3rt.load("moon3-tiny-random", device=device, dtype="fp32", backend="triton"))
 
 
 def test_tiny_embeddings_match_torch_backend(pair):
@@ -69,7 +69,7 @@ def test_fused_weights_are_views_and_the_model_still_saves(pair, tmp_path):
 def test_refuses_cpu_without_interpreter(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the refusal is about machines without CUDA")
-    enc = moon3rt.load("moon3-tiny", device="cpu")
+    enc = moon3rt.load("moon3-tiny-random", device="cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         create_backend("triton", enc.model, torch.device("cpu"))
