@@ -85,9 +85,9 @@ def check_inputs(files: Sequence[Path], columns: Columns, done: dict[str, list],
 
 def run(encoder, files: Sequence[Path], out, done: dict[str, list], *, columns: Columns | None = None,
         chunk_rows: int = 1024, existing: IdSet | None = None, strict: bool = False,
-        progress: Progress | None = None, log=sys.stderr, encode_kwargs: dict | None = None) -> JobSummary:
+        progress: Progress | None = None, log=None, encode_kwargs: dict | None = None) -> JobSummary:
     """Embed every row of `files` not in `done` into `out` (a `sinks` output already opened)."""
-    columns = columns or Columns()
+    columns, log = columns or Columns(), log or sys.stderr
     kwargs = dict(encode_kwargs or {}, show_progress=False, on_error="raise" if strict else "skip")
     summary = JobSummary(output=str(out.path), resumed_rows=sum(b - a for spans in done.values() for a, b in spans))
     single = len(files) == 1

@@ -212,6 +212,7 @@ class ShardedOutput:
             raise OutputError(f"output {self.path}: cannot write there ({err.strerror})") from None
         manifest["complete"] = False
         self.manifest = manifest
+        self._save_manifest()  # from now on the directory is this job's: a rerun must say --resume
         self.rows = sum(s["rows"] for s in manifest["shards"])
         done: dict[str, list] = {}
         for shard in manifest["shards"]:
@@ -287,7 +288,10 @@ class ShardedOutput:
 
 
 def output_for(path: Path, dtype: str, shard_rows: int, resume: bool) -> Any:
-    """.npy or .parquet: one file; anything else: a shard directory."""
+    """.npy or .parquet: one file; a path without a suffix (or an existing directory): a shard directory."""
+    if path.suffix not in ("", ".npy", ".parquet") and not path.is_dir():
+        raise OutputError(f"--output must end in .npy or .parquet, or name a directory for Parquet shards; "
+                          f"got {path.name}")
     if path.suffix == ".npy":
         out = NpyOutput(path, dtype)
     elif path.suffix == ".parquet":
