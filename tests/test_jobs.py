@@ -5,15 +5,16 @@ import io
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import moon3rt
-from moon3rt.jobs import Columns, input_files, output_for, run
-from moon3rt.jobs.idset import existing_ids, output_files
-from moon3rt.jobs.sinks import MANIFEST, ShardedOutput
+pa = pytest.importorskip("pyarrow", reason="the parquet extra (CI installs it: tests/test_environment.py)")
+pq = pytest.importorskip("pyarrow.parquet")
+
+import moon3rt  # noqa: E402
+from moon3rt.jobs import Columns, input_files, output_for, run  # noqa: E402
+from moon3rt.jobs.idset import existing_ids, output_files  # noqa: E402
+from moon3rt.jobs.sinks import MANIFEST, ShardedOutput  # noqa: E402
 
 TEXTS = [f"product {i}: {c} cotton shirt, size {i % 5}" for i, c in enumerate(["red", "navy", "olive", "white"] * 5)]
 
@@ -29,12 +30,12 @@ def jpeg(colour, size=(40, 32)) -> bytes:
     return buf.getvalue()
 
 
-def job(encoder, inputs, output, *, resume=False, shard_rows=1000, chunk_rows=4, columns=Columns(), existing=None,
+def job(encoder, inputs, output, *, resume=False, shard_rows=1000, chunk_rows=4, columns=None, existing=None,
         dim=None):
     files = input_files(inputs)
     out = output_for(output, "float32", shard_rows, resume)
     done = out.open({"inputs": [str(f) for f in files], "dim": dim, "shard_rows": shard_rows, "chunk_rows": chunk_rows})
-    return run(encoder, files, out, done, columns=columns, chunk_rows=chunk_rows, existing=existing,
+    return run(encoder, files, out, done, columns=columns or Columns(), chunk_rows=chunk_rows, existing=existing,
                encode_kwargs={"batch_size": 3, "dim": dim})
 
 
