@@ -173,3 +173,22 @@ def test_progress_in_a_log_is_plain_lines_without_carriage_returns(tmp_path, cap
     err = capsys.readouterr().err
     assert "\r" not in err
     assert "encode: 2/5 rows (40%)" in err and "items/s, ETA" in err
+
+
+def test_shard_directory_output_resumes_and_refuses_to_overwrite(tmp_path, capsys):
+    pq = pytest.importorskip("pyarrow.parquet", reason="the parquet extra (CI installs it: tests/test_environment.py)")
+    items, out = write_items(tmp_path), tmp_path / "shards"
+    argv = ["encode", "--input", str(items), "--output", str(out), "--no-progress", "--shard-rows", "2",
+            "--output-dtype", "float16"]
+    assert main(argv) == 0
+    assert "5 rows in 3 shards" in capsys.readouterr().out
+    table = pq.read_table(out)
+    assert table.num_rows == 5 and str(table.schema.field("embedding").type.value_type) == "halffloat"
+    assert main(argv) == 2
+    assert "already holds a job" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    assert "encoded 0/0 items (0 failures, 5 done before)" in capsys.readouterr().out
+    assert main([*argv[:-1], "float32", "--resume"]) == 2
+    assert "started with output_dtype='float16'" in capsys.readouterr().err
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["output_rows"] == 5 and summary["shards"] == 3
