@@ -32,7 +32,7 @@ import numpy as np
 
 from .jobs.idset import IdSet, existing_ids
 from .jobs.sinks import SUMMARY, OutputError, atomic_write
-from .jobs.sources import Columns, InputError, _kind, _parquet_row, input_files, parse_json_line
+from .jobs.sources import Columns, InputError, input_files, input_kind, parquet_row, parse_json_line
 
 RUN = re.compile(r"^run-(\d{3})$")
 
@@ -94,7 +94,7 @@ def _parse_parquet_batch(batch, columns: Columns, single: bool):
     rows = []
     for k in range(batch.num_rows):
         source = Path(paths[k])
-        row = _parquet_row(cols, k, str(source), -1, columns, source.parent)
+        row = parquet_row(cols, k, str(source), -1, columns, source.parent)
         d = _row_dict(row, single)
         d["where"] = f"{source} id {d['id']}"  # read_parquet does not number rows; ids are required
         rows.append(d)
@@ -210,8 +210,8 @@ def embed(inputs, output, *, model: str = "moon3-tiny", columns: Columns | None 
 
         skip = IdSet(np.concatenate([skip.digests, existing_ids(output_files(Path(existing))).digests]))
     single = len(files) == 1
-    jsonl = [str(f) for f in files if _kind(f) == "jsonl"]
-    parquet = [str(f) for f in files if _kind(f) == "parquet"]
+    jsonl = [str(f) for f in files if input_kind(f) == "jsonl"]
+    parquet = [str(f) for f in files if input_kind(f) == "parquet"]
     parts = []
     if jsonl:
         parts.append(ray.data.read_binary_files(jsonl, include_paths=True)

@@ -192,3 +192,16 @@ def test_shard_directory_output_resumes_and_refuses_to_overwrite(tmp_path, capsy
     assert "started with output_dtype='float16'" in capsys.readouterr().err
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["output_rows"] == 5 and summary["shards"] == 3
+
+
+def test_reasoning_texts_go_to_a_sidecar_or_a_column(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="the parquet extra (CI installs it: tests/test_environment.py)")
+    items = write_items(tmp_path)
+    flags = ["--input", str(items), "--no-progress", "--reasoning", "--max-reasoning-tokens", "2"]
+    assert main(["encode", *flags, "--output", str(tmp_path / "v.npy")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "v.reasoning.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["a", "1", "2", "d", "e"]
+    assert isinstance(lines[0]["reasoning"], str) and lines[2]["reasoning"] is None
+    assert main(["encode", *flags, "--output", str(tmp_path / "shards")]) == 0
+    table = pq.read_table(tmp_path / "shards").to_pydict()
+    assert table["reasoning"][0] == lines[0]["reasoning"] and table["reasoning"][3] is None

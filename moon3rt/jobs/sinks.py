@@ -113,7 +113,9 @@ class NpyOutput:
     def add(self, ids, vectors, errors, reasoning, consumed) -> None:
         self.parts.append(vectors.astype(OUTPUT_DTYPES[self.dtype]))
         if reasoning is not None:
-            self.reasoning = (self.reasoning or []) + list(zip(ids, reasoning))
+            if self.reasoning is None:
+                self.reasoning = []
+            self.reasoning.extend(zip(ids, reasoning))
         self.rows += len(ids)
 
     def finish(self, dim: int) -> None:

@@ -62,12 +62,12 @@ def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f) is not None)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and input_kind(f) is not None)
             if not found:
                 raise InputError(f"input directory {p} holds no .jsonl, .jsonl.gz or .parquet files")
             files.extend(found)
         elif p.is_file():
-            if _kind(p) is None:
+            if input_kind(p) is None:
                 raise InputError(f"input {p}: unknown format; expected one of "
                                  f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")
             files.append(p)
@@ -76,7 +76,7 @@ def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _kind(path: Path) -> str | None:
+def input_kind(path: Path) -> str | None:
     name = path.name.lower()
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
@@ -87,7 +87,7 @@ def _kind(path: Path) -> str | None:
 
 def check_input(path: Path, columns: Columns, count_lines: bool = True) -> int | None:
     """Open `path` far enough to refuse it early (Parquet: its schema); its row count if cheap to know."""
-    if _kind(path) == "parquet":
+    if input_kind(path) == "parquet":
         pf = _parquet_file(path)
         _parquet_columns(path, pf.schema_arrow, columns)
         return pf.metadata.num_rows
@@ -100,7 +100,7 @@ def check_input(path: Path, columns: Columns, count_lines: bool = True) -> int |
 def read_rows(path: Path, columns: Columns, skip: Sequence[tuple[int, int]] = ()) -> Iterator[Row]:
     """Rows of one file in order, leaving out those in the half-open ranges `skip` (already done)."""
     done = _Ranges(skip)
-    if _kind(path) == "parquet":
+    if input_kind(path) == "parquet":
         yield from _parquet_rows(path, columns, done)
     else:
         yield from _jsonl_rows(path, columns, done)
@@ -234,12 +234,12 @@ def _parquet_rows(path: Path, columns: Columns, done: _Ranges) -> Iterator[Row]:
             cols = {name: batch.column(name).to_pylist() for name in wanted}
             for k in range(batch.num_rows):
                 if row + k not in done:
-                    yield _parquet_row(cols, k, source, row + k, columns, base)
+                    yield parquet_row(cols, k, source, row + k, columns, base)
             row += batch.num_rows
         start += n
 
 
-def _parquet_row(cols: dict, k: int, source: str, row: int, columns: Columns, base: Path) -> Row:
+def parquet_row(cols: dict, k: int, source: str, row: int, columns: Columns, base: Path) -> Row:
     id_ = cols[columns.id][k] if columns.id in cols else None
     item: dict[str, Any] = {}
     text = cols[columns.text][k] if columns.text in cols else None
