@@ -3,8 +3,10 @@
     python bench/job_resume.py [--rows 6000] [--kills 5] [--out /out/job_resume]
 
 One uninterrupted run is the reference. A second run into another directory is
-SIGKILLed `--kills` times at random moments (the process gets no chance to clean up),
-each time restarted with `--resume`, and finally allowed to finish. The script then
+SIGKILLed `--kills` times (the process gets no chance to clean up), each time restarted
+with `--resume`, and finally allowed to finish. Each kill comes at a moment drawn
+uniformly over the embedding the restarted run has left (timed from its first progress
+line, so it lands mid-chunk, mid-shard or between shards rather than during start-up). The script then
 counts rows lost and duplicated and compares every vector bit for bit with the
 reference. Text items, moon3-tiny, CPU, fp32.
 """
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -38,10 +41,27 @@ def write_input(path: Path, rows: int) -> None:
                     + "\n")
 
 
-def command(inp: Path, out: Path, args, resume: bool) -> list[str]:
+def command(inp: Path, out: Path, args, resume: bool, progress: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "moon3rt", "encode", "--input", str(inp), "--output", str(out), "--device", "cpu",
-           "--shard-rows", str(args.shard_rows), "--chunk-rows", str(args.chunk_rows), "--no-progress"]
+           "--shard-rows", str(args.shard_rows), "--chunk-rows", str(args.chunk_rows)]
+    cmd += ["--progress-interval", "0"] if progress else ["--no-progress"]  # a line per chunk on stderr
     return cmd + (["--resume"] if resume else [])
+
+
+def wait_for_first_chunk(proc: subprocess.Popen, timeout: float = 600) -> bool:
+    """Block until the job prints its first progress line (it has started embedding) or exits."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            line = proc.stderr.readline()
+            if not line:
+                return False  # exited
+            if line.startswith(b"encode:"):
+                return True
+        elif proc.poll() is not None:
+            return False
+    return False
 
 
 def read(out: Path) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -76,23 +96,24 @@ def main(argv=None) -> int:
     subprocess.run(command(inp, ref, args, False), check=True, stdout=subprocess.DEVNULL)
     clean_seconds = time.perf_counter() - t0
     job_seconds = json.loads((ref / "_summary.json").read_text())["seconds"]
-    start_seconds = clean_seconds - job_seconds  # interpreter start and model load
     kills = []
     for k in range(args.kills):
-        # a moment drawn uniformly over what the restarted run has left to do (its start included)
         left = 1 - (_rows_done(killed) / args.rows)
-        delay = rng.uniform(0.2, start_seconds + left * job_seconds)
-        proc = subprocess.Popen(command(inp, killed, args, k > 0), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        delay = rng.uniform(0.0, left * job_seconds)
+        proc = subprocess.Popen(command(inp, killed, args, k > 0, progress=True), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        wait_for_first_chunk(proc)
+        time.sleep(delay)  # stderr is a pipe: a line per chunk stays well inside its buffer
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         done = _rows_done(killed)
-        kills.append({"after_s": round(delay, 2), "returncode": proc.returncode, "rows_in_finished_shards": done,
+        kills.append({"after_first_chunk_s": round(delay, 2), "returncode": proc.returncode, "rows_in_finished_shards": done,
                       "tmp_files_left": len(list(killed.glob(".*.tmp"))) if killed.exists() else 0})
-        print(f"kill {k + 1}: SIGKILL after {delay:.1f} s (rc {proc.returncode}), {done} rows in finished shards, "
+        print(f"kill {k + 1}: SIGKILL {delay:.1f} s after the first chunk (rc {proc.returncode}), {done} rows in "
+              f"finished shards, "
               f"{kills[-1]['tmp_files_left']} temporary files left for the next run to remove")
+        proc.stderr.close()
     subprocess.run(command(inp, killed, args, True), check=True, stdout=subprocess.DEVNULL)
     ref_ids, ref_vec = read(ref)
     got_ids, got_vec = read(killed)
