@@ -202,6 +202,7 @@ def test_reasoning_texts_go_to_a_sidecar_or_a_column(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "v.reasoning.jsonl").read_text().splitlines()]
     assert [line["id"] for line in lines] == ["a", "1", "2", "d", "e"]
     assert isinstance(lines[0]["reasoning"], str) and lines[2]["reasoning"] is None
-    assert main(["encode", *flags, "--output", str(tmp_path / "shards")]) == 0
-    table = pq.read_table(tmp_path / "shards").to_pydict()
-    assert table["reasoning"][0] == lines[0]["reasoning"] and table["reasoning"][3] is None
+    for out in ("shards", "v.parquet"):
+        assert main(["encode", *flags, "--output", str(tmp_path / out)]) == 0
+        table = pq.read_table(tmp_path / out).to_pydict()
+        assert table["reasoning"][0] == lines[0]["reasoning"] and table["reasoning"][3] is None

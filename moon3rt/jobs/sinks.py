@@ -148,6 +148,8 @@ class ParquetFileOutput(NpyOutput):
 
     def add(self, ids, vectors, errors, reasoning, consumed) -> None:
         _, pq = _pyarrow()
+        if not ids:  # the end of the input (or rows all skipped): nothing to write
+            return
         table = arrow_table(ids, vectors, errors, reasoning, self.dtype)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.tmp, table.schema)
