@@ -132,6 +132,9 @@ def test_tensorrt_rtx_refuses_hopper_and_the_plugin_graph(rtx, graph, tmp_path):
     plugins = export_onnx("moon3-tiny", tmp_path / "plugins.onnx", plugins=True)
     with pytest.raises(BuildError, match="plugin graph needs full TensorRT"):
         build_engine(plugins, tmp_path / "e", "fp16", compute_capability=[89], flavour="tensorrt_rtx")
+    attention = export_onnx("moon3-tiny", tmp_path / "attention.onnx", attention="onnx")
+    with pytest.raises(BuildError, match="opset-23 Attention nodes.*build the standard graph"):
+        build_engine(attention, tmp_path / "e", "fp16", compute_capability=[89], flavour="tensorrt_rtx")
 
 
 def test_tensorrt_rtx_tests_skip_off_x86_64_even_in_ci(monkeypatch):
