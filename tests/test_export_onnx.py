@@ -141,6 +141,7 @@ def test_every_pooling_and_flavour_exports(variant, builder, tmp_path):
     else:  # no moon3 block: no FIRE, MHMF or projection; gme also has 1-D positions
         net = tiny(backbone=True, flavour="gme" if variant == "gme" else "qwen2-vl")
     path = export_onnx(net, tmp_path / "model.onnx")
+    assert not {n.op_type for n in onnx.load(str(path)).graph.node} & {"Loop", "If", "Scan", "NonZero"}
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     local = PromptBuilder(net.cfg, load_tokenizer(TOKENIZER))
     compare(session, net, packed(local, BATCHES["3-items-mixed"]), name=variant)
