@@ -51,12 +51,14 @@ class EncodeResult:
     """Embeddings (n, dim) float32 in input order; a failed item's row is NaN.
 
     `reasoning`: in reasoning mode, the text each item generated before ``<emb>`` (None for
-    a failed item); None in direct mode.
+    a failed item); None in direct mode. `truncated`: indices of the items whose title was
+    cut to ``max_text_tokens`` (they are embedded, not failures), ascending.
     """
 
     embeddings: np.ndarray
     failures: list[ItemError] = field(default_factory=list)
     reasoning: list[str | None] | None = None
+    truncated: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> np.ndarray:
@@ -118,7 +120,9 @@ class Encoder:
     def prepare(self, obj: Any, index: int = 0, truncate: bool = True, reasoning: bool = False) -> PreparedItem:
         """Validate, decode, resize, patchify and tokenise one item (raises `ItemError`).
 
-        reasoning: build reasoning mode's prompt (the prefix generation continues).
+        reasoning: build reasoning mode's prompt (the prefix generation continues). A title
+        longer than ``max_text_tokens`` is cut (``truncate=True``, the result's `truncated`
+        is set; `encode` warns once per call) or refused.
         """
         item = to_item(obj, index)
         cfg, v = self.config, self.config.vision
@@ -141,8 +145,6 @@ class Encoder:
             prepared = self.prompt.build(item.text, images, truncate=truncate, reasoning=reasoning)
         except TextTooLongError as err:
             raise ItemError(index, str(err)) from None
-        if prepared.truncated:
-            warnings.warn(f"item {index}: title truncated to max_text_tokens={cfg.max_text_tokens}", stacklevel=4)
         return prepared
 
     # ------------------------------------------------------------------------ encode
@@ -167,9 +169,9 @@ class Encoder:
         """
         if return_reasoning and not (self.reasoning if reasoning is None else reasoning):
             raise ValueError("return_reasoning=True needs reasoning mode: pass reasoning=True")
-        result = self.encode_with_report(items, batch_size, max_batch_tokens, dim, normalize,
-                                         show_progress, on_error, truncate, num_workers,
-                                         reasoning=reasoning, max_reasoning_tokens=max_reasoning_tokens)
+        result = self._encode(items, batch_size, max_batch_tokens, dim, normalize, show_progress, on_error,
+                              truncate, num_workers, reasoning, max_reasoning_tokens)
+        self._warn_truncated(result.truncated)
         if result.failures:
             warnings.warn(f"{len(result.failures)} item(s) skipped: "
                           + "; ".join(str(f) for f in result.failures[:5]), stacklevel=2)
@@ -180,7 +182,22 @@ class Encoder:
                            on_error: str = "skip", truncate: bool = True,
                            num_workers: int | None = None, *, reasoning: bool | None = None,
                            max_reasoning_tokens: int | None = None) -> EncodeResult:
-        """`encode`, returning the embeddings with the failures (and reasoning texts) instead of warning."""
+        """`encode`, returning the embeddings with the failures (and reasoning texts, and the
+        indices of truncated titles) instead of warning about failures; truncated titles
+        still give one warning per call."""
+        result = self._encode(items, batch_size, max_batch_tokens, dim, normalize, show_progress, on_error,
+                              truncate, num_workers, reasoning, max_reasoning_tokens)
+        self._warn_truncated(result.truncated)
+        return result
+
+    def _warn_truncated(self, truncated: list[int]) -> None:
+        if truncated:  # one line per call, however many items: stacklevel 3 names the caller of encode*
+            shown = ", ".join(map(str, truncated[:10])) + (", ..." if len(truncated) > 10 else "")
+            warnings.warn(f"{len(truncated)} title(s) truncated to max_text_tokens={self.config.max_text_tokens} "
+                          f"(items {shown})", stacklevel=3)
+
+    def _encode(self, items, batch_size, max_batch_tokens, dim, normalize, show_progress, on_error, truncate,
+                num_workers, reasoning, max_reasoning_tokens) -> EncodeResult:
         reasoning = self.reasoning if reasoning is None else bool(reasoning)
         plan = self.reasoning_plan(max_reasoning_tokens) if reasoning else None
         if on_error not in ON_ERROR:
@@ -202,6 +219,7 @@ class Encoder:
         bar = tqdm(total=len(items), disable=not show_progress, unit="item", desc="encode")
         budget = TokenBudget(max_batch_tokens, batch_size)
         prepared: dict[int, PreparedItem] = {}
+        truncated: list[int] = []
 
         def run(group: list[int]) -> None:
             if group and not (failures and on_error == "raise"):
@@ -227,6 +245,8 @@ class Encoder:
                 elif failures and on_error == "raise":
                     bar.update(1)  # keep validating, so the error names every bad item, but embed nothing
                 else:
+                    if result.truncated:
+                        truncated.append(i)
                     prepared[i] = result
                     done = budget.add(i, result.cost + room)
                     if done:
@@ -235,7 +255,8 @@ class Encoder:
         bar.close()
         if failures and on_error == "raise":
             raise EncodeError(sorted(failures.values(), key=lambda f: f.index))
-        return EncodeResult(out, sorted(failures.values(), key=lambda f: f.index), texts)
+        truncated = [i for i in truncated if i not in failures]  # a failed item is reported as a failure only
+        return EncodeResult(out, sorted(failures.values(), key=lambda f: f.index), texts, truncated)
 
     def reasoning_plan(self, max_tokens: int | None = None) -> ReasoningPlan:
         """Reasoning mode's token rules with a budget of `max_tokens` (default: the config's).
