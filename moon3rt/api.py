@@ -285,7 +285,7 @@ class Encoder:
         try:
             return self.prepare(obj, index, truncate, reasoning)
         except ItemError as err:
-            return err
+            return err.detached()
 
     def _embed_batch(self, indices, prepared, plan, texts) -> torch.Tensor:
         batch = pack([prepared[i] for i in indices], self.config.vision.spatial_merge_size,

@@ -31,6 +31,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 500_000_000
 
 # Errors PIL and its plugins raise for corrupt, truncated or unsupported data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+# A file's first bytes, enough for every PIL plugin's signature check.
+_PREFIX_BYTES = 16
 
 
 class ImageError(ValueError):
@@ -40,32 +42,37 @@ class ImageError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Decoding
 
-
-def _open_header(data: bytes) -> Image.Image:
-    """Identify the format and parse the header only (PIL opens lazily).
+def _open_header(fp) -> Image.Image:
+    """Identify the format from a binary file object and parse the header only (PIL opens
+    lazily, reading pixel data at `load`), so a non-image is refused after its first bytes.
 
     This is `PIL.Image.open` without its process-wide MAX_IMAGE_PIXELS check, so that
     `load_image` can apply its own per-call limit without touching PIL's global (which
-    would race with other threads). Formats whose plugins check again while reading
-    frames or tiles (GIF, TIFF, ICO) still obey PIL's global limit as well.
+    would race with other threads).
     """
-    fp = io.BytesIO(data)
-    prefix = data[:16]
+    prefix = fp.read(_PREFIX_BYTES)
+    if not prefix:
+        raise ImageError("empty image data (0 bytes)")
     tried = set()
     for load_plugins in (Image.preinit, Image.init):  # common formats first, as PIL does
         load_plugins()
         for fmt in [f for f in Image.ID if f not in tried]:
             tried.add(fmt)
             factory, accept = Image.OPEN[fmt]
-            accepted = accept(prefix) if accept else True
+            try:
+                accepted = accept(prefix) if accept else True
+            except _DECODE_ERRORS:  # a signature check that cannot read a prefix this short
+                continue
             if not accepted or isinstance(accepted, str):  # a str is a reason for refusal
                 continue
             fp.seek(0)
             try:
                 return factory(fp, None)
-            except (SyntaxError, IndexError, TypeError, struct.error):
+            except (SyntaxError, IndexError, TypeError, struct.error, EOFError):
                 continue  # not this format after all; PIL.Image.open moves on the same way
-    raise ImageError("not a recognised image format (corrupt or unsupported data)")
+    shown = repr(prefix[:8]) + ("..." if len(prefix) > 8 else "")
+    raise ImageError(f"not a recognised image format (corrupt or unsupported data, or not an image: "
+                     f"it starts {shown})")
 
 
 def _check_pixels(width: int, height: int, max_image_pixels: int) -> None:
@@ -80,7 +87,11 @@ def _check_pixels(width: int, height: int, max_image_pixels: int) -> None:
 
 @contextlib.contextmanager
 def _decode_errors():
-    """PIL's many exception types for bad data, as one ImageError with PIL's reason."""
+    """PIL's many exception types for bad data, as one ImageError with PIL's reason.
+
+    Its __context__ still holds PIL's error and that traceback's frames (with the file's
+    data): `ItemError.detached` drops them before an error is kept in a report.
+    """
     try:
         yield
     except Image.DecompressionBombError as e:
@@ -97,15 +108,15 @@ LARGE_DECODE_PIXELS = 64_000_000
 _LARGE_DECODE = threading.BoundedSemaphore(1)
 
 
-def _decode(data: bytes, max_image_pixels: int, target_pixels: int | None) -> Image.Image:
-    if not data:
-        raise ImageError("empty image data")
+def _decode(fp, max_image_pixels: int, target_pixels: int | None) -> Image.Image:
+    """Decode an open binary file: header first (format, size, limits), pixels after."""
     with _decode_errors():
-        img = _open_header(data)
+        img = _open_header(fp)
         _check_pixels(*img.size, max_image_pixels)
         if target_pixels is not None and img.format == "JPEG":
             _draft_jpeg(img, target_pixels)
-        if img.size[0] * img.size[1] > LARGE_DECODE_PIXELS and img.format != "JPEG":
+        pixels = img.size[0] * img.size[1]
+        if pixels > LARGE_DECODE_PIXELS and img.format != "JPEG" and target_pixels is not None:
             with _LARGE_DECODE:
                 img.load()
                 return _reduce_large(img, target_pixels)
@@ -113,16 +124,14 @@ def _decode(data: bytes, max_image_pixels: int, target_pixels: int | None) -> Im
     return img
 
 
-def _reduce_large(img: Image.Image, target_pixels: int | None) -> Image.Image:
+def _reduce_large(img: Image.Image, target_pixels: int) -> Image.Image:
     """Shrink a huge decoded image by an integer box factor, keeping at least 2x the
     target size per side (as the JPEG draft does), so that mode conversion, transparency
     and the final BICUBIC resize work on a small copy. Used only past LARGE_DECODE_PIXELS,
-    where the processor shrinks the image many times anyway."""
-    if target_pixels is None:
-        return img
+    where the processor shrinks the image many times anyway. Always a new image."""
     factor = int(math.sqrt(img.size[0] * img.size[1] / (4 * max(target_pixels, 1))))
     if factor < 2:
-        return img
+        return img.copy()
     if img.mode.startswith("I;16"):
         img = img.convert("I")  # keeps the 16-bit values, which _to_rgb scales later
     elif img.mode not in ("RGB", "RGBA", "L", "LA", "I", "F"):
@@ -203,11 +212,13 @@ def load_image(
 
     source: a path (str or os.PathLike), the bytes of an encoded file (bytes, bytearray,
     memoryview), a PIL image, or a uint8 numpy array HxW (grey), HxWx3 (RGB) or HxWx4
-    (RGBA). An encoded image whose header claims more than `max_image_pixels` pixels is
-    refused before decoding. `target_pixels` (the processor's max_pixels) lets large
-    JPEGs decode at a reduced size; left at None, the decode is PIL's full one.
-    `composite_alpha`: composite transparency on white (transformers) or drop it (GME).
-    Truncated files are errors unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set.
+    (RGBA). An image with more than `max_image_pixels` pixels (for a file: as its header
+    claims, in any format) is refused before decoding. A file is read from its header on:
+    a non-image is refused after its first bytes. `target_pixels` (the processor's
+    max_pixels) lets large JPEGs decode at a reduced size and huge other files shrink
+    right after decoding; left at None, the decode is PIL's full one. `composite_alpha`:
+    composite transparency on white (transformers) or drop it (GME). Truncated files are
+    errors unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set.
     """
     if isinstance(source, np.ndarray):
         return _to_rgb(_from_array(source, max_image_pixels), composite_alpha)
@@ -220,20 +231,20 @@ def load_image(
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            f = open(path, "rb")  # noqa: SIM115 - closed below, once the pixels are decoded
         except FileNotFoundError:
             raise ImageError(f"file not found: {path!r}") from None
         except OSError as e:
             raise ImageError(f"cannot read {path!r}: {e.strerror or e}") from None
+        with f:
+            img = _decode(f, max_image_pixels, target_pixels)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
+        img = _decode(io.BytesIO(source), max_image_pixels, target_pixels)
     else:
         raise ImageError(
             f"unsupported image type {type(source).__name__}; expected a path, bytes, "
             "a PIL image or a uint8 numpy array"
         )
-    img = _decode(data, max_image_pixels, target_pixels)
     return _to_rgb(_transpose_by_exif(img, in_place=True), composite_alpha)
 
 

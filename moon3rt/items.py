@@ -22,6 +22,13 @@ class ItemError(ValueError):
         self.index = index
         self.reason = reason
 
+    def detached(self) -> "ItemError":
+        """This error without its traceback and exception chain, to keep in a report: their
+        frames would hold the item's data (a file's bytes, decoded pixels) as long as the
+        error lives. Returns self."""
+        self.__traceback__ = self.__context__ = self.__cause__ = None
+        return self
+
 
 @dataclass
 class Item:

@@ -244,3 +244,63 @@ def test_non_finite_model_output_is_an_item_error(encoder, monkeypatch):
     assert np.isnan(result.embeddings[0]).all() and np.isfinite(result.embeddings[1]).all()
     with pytest.raises(moon3rt.EncodeError, match="item 0: model produced non-finite values"):
         encoder.encode(["first", "second"], batch_size=2)
+
+
+# ------------------------------------------------------------------- memory of failed items
+def reachable(root, limit: int = 200_000) -> list:
+    """Every object reachable from `root` through gc referents (bytes included: they are leaves)."""
+    import gc
+
+    seen, stack, out = set(), [root], []
+    while stack and len(out) < limit:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        out.append(obj)
+        stack.extend(gc.get_referents(obj))
+    return out
+
+
+def test_failed_items_keep_no_frames_or_data(encoder, tmp_path):
+    """A failure in a report holds its index and reason, never a traceback: the frames of
+    one would keep the file's bytes (and decoded pixels) alive as long as the report."""
+    import types
+
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(bytes.fromhex("ffd8ffe000104a464946000101") + np.random.default_rng(0).bytes(2_000_000))
+    cut = encoded(rgb(600, 600, seed=4), "PNG")
+    items = [junk, cut[: len(cut) // 2], {"images": [rgb(40, 40), b"x" * 2_000_000]}, {"text": 3}, "ok"]
+    result = encoder.encode_with_report(items, num_workers=2)
+    assert [f.index for f in result.failures] == [0, 1, 2, 3]
+    for failure in result.failures:
+        assert failure.__traceback__ is None and failure.__context__ is None and failure.__cause__ is None
+    held = reachable(result)
+    assert not [o for o in held if isinstance(o, (types.FrameType, types.TracebackType, BaseException))
+                and o not in result.failures]
+    big = [len(o) for o in held if isinstance(o, (bytes, bytearray)) and len(o) > 100_000]
+    assert not big, f"the report holds {len(big)} large buffers"
+    with pytest.raises(moon3rt.EncodeError) as info:
+        encoder.encode(items)
+    for failure in info.value.failures:
+        assert failure.__traceback__ is None and failure.__context__ is None
+
+
+def test_a_big_non_image_file_is_refused_after_its_header(tmp_path):
+    """A file is read from its header on: 200 MB of zeros (a sparse file) is refused
+    without reading it, so the memory allocated stays far below its size."""
+    import tracemalloc
+
+    from moon3rt.images import ImageError, load_image
+
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.truncate(200 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="not a recognised image format"):
+            load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB allocated to refuse a non-image"
