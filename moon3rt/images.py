@@ -102,10 +102,57 @@ def _decode_errors():
         raise ImageError(f"cannot decode image: {e}") from None
 
 
-# Decoding a huge non-JPEG file (PNG, TIFF, ...) needs its full size in memory once; one
-# such decode at a time (across encode's worker threads) keeps the peak to one image.
+class PixelBudget:
+    """A process-wide counting semaphore in pixels for the decodes of huge images.
+
+    A decode takes its image's pixels from the budget and waits while they do not fit;
+    an image larger than the whole budget runs alone. With encode's worker threads, the
+    full-size pixels held at once stay within the budget (plus one image), whatever the
+    number of threads.
+    """
+
+    def __init__(self, pixels: int):
+        self.pixels, self.in_use = pixels, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, pixels: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.pixels)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
+
+
+# A non-JPEG file (PNG, TIFF, ...) past LARGE_DECODE_PIXELS is decoded at full size once
+# (its format has no reduced decode in PIL), box-reduced at once and the full image freed.
+# LARGE_DECODE_BUDGET bounds how many such pixels are decoded at once across threads: one
+# 20000 x 20000 RGB image (1.2 GB) at a time.
 LARGE_DECODE_PIXELS = 64_000_000
-_LARGE_DECODE = threading.BoundedSemaphore(1)
+LARGE_DECODE_BUDGET = PixelBudget(400_000_000)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps a freed buffer in the arena of the
+    thread that freed it, so a huge decode in each of n worker threads would otherwise hold
+    n images' worth of memory after the images are gone."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS, Windows, musl
+    except (OSError, AttributeError):
+        return None
 
 
 def _decode(fp, max_image_pixels: int, target_pixels: int | None) -> Image.Image:
@@ -117,9 +164,15 @@ def _decode(fp, max_image_pixels: int, target_pixels: int | None) -> Image.Image
             _draft_jpeg(img, target_pixels)
         pixels = img.size[0] * img.size[1]
         if pixels > LARGE_DECODE_PIXELS and img.format != "JPEG" and target_pixels is not None:
-            with _LARGE_DECODE:
-                img.load()
-                return _reduce_large(img, target_pixels)
+            with LARGE_DECODE_BUDGET.take(pixels):
+                try:
+                    img.load()
+                    small = _reduce_large(img, target_pixels)
+                finally:
+                    img.close()  # frees the full-size pixels now, not when the frame goes
+                    del img
+                    _release_freed_memory()
+            return small
         img.load()  # full decode now, so truncation is reported here, not later
     return img
 

@@ -304,3 +304,46 @@ def test_a_big_non_image_file_is_refused_after_its_header(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB allocated to refuse a non-image"
+
+
+HUGE_PNG_PEAK = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import moon3rt, moon3rt.images as images
+    from pathlib import Path
+    images.LARGE_DECODE_PIXELS = 4_000_000  # the huge-image path, at a size a test can afford:
+    if hasattr(images, "PixelBudget"):  # one 4000 x 4000 image at a time, as one 20000 x 20000 is
+        images.LARGE_DECODE_BUDGET = images.PixelBudget(16_000_000)
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    encoder = moon3rt.load("moon3-tiny", device="cpu")
+    encoder.encode(["warm up", np.zeros((224, 224, 3), np.uint8)])
+    before = rss("VmRSS")
+    result = encoder.encode_with_report([Path(sys.argv[1])] * 8, num_workers=int(sys.argv[2]))
+    print(json.dumps({"grown_mb": rss("VmHWM") - before, "after_mb": rss("VmRSS") - before,
+                      "failures": [str(f) for f in result.failures]}))
+    """
+)
+
+
+def test_huge_png_peak_memory_does_not_grow_with_workers(tmp_path):
+    """Full-size decodes of huge non-JPEG images are bounded process-wide (a pixel budget),
+    and their freed buffers go back to the OS, so 4 worker threads hold about one image's
+    worth, as one thread does. 4000 x 4000 RGB: 48 MB decoded."""
+    ramp = np.linspace(0, 255, 4000).astype(np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.uint8(90)), axis=-1)
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path, compress_level=1)
+    grown = {}
+    for workers in (1, 4):
+        run = subprocess.run([sys.executable, "-c", HUGE_PNG_PEAK, str(path), str(workers)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert result["failures"] == []
+        grown[workers] = result
+    assert grown[4]["grown_mb"] < grown[1]["grown_mb"] + 48, grown
+    assert grown[4]["after_mb"] < 48, grown
