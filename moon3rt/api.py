@@ -239,6 +239,9 @@ class Encoder:
                 pending[i] = None
                 if i + ahead < len(items):
                     pending.append(submit(i + ahead))
+                if not isinstance(result, ItemError) and plan is not None:
+                    problem = self._reasoning_positions_problem(result, plan)
+                    result = ItemError(i, problem) if problem else result
                 if isinstance(result, ItemError):
                     failures[i] = result
                     bar.update(1)
@@ -263,7 +266,9 @@ class Encoder:
 
         Raises ValueError naming every reason this model cannot reason (no <emb> pooling, an
         end marker the tokenizer lacks, untied embeddings without ``lm_head.weight``, a
-        backend without a decode path).
+        backend without a decode path), or why the budget cannot fit: the shortest prompt
+        plus the budget plus the closing tokens must fit ``max_position_embeddings``, and one
+        such item's KV cache must fit the device's free memory.
         """
         from .generate import decoder_for  # imported on first use: direct mode never needs it
 
@@ -279,7 +284,39 @@ class Encoder:
         if problems:
             raise ValueError("this model cannot run reasoning mode: " + "; ".join(problems))
         plan = self.prompt.reasoning_plan()
-        return plan if max_tokens is None else plan.with_budget(max_tokens)
+        plan = plan if max_tokens is None else plan.with_budget(max_tokens)
+        self._check_reasoning_budget(plan)
+        return plan
+
+    def _check_reasoning_budget(self, plan: ReasoningPlan) -> None:
+        from .generate import KVCache
+
+        limit = self.config.text.max_position_embeddings
+        shortest = self.prompt.shortest_prompt(reasoning=True)
+        closing = len(plan.close_ids)
+        if shortest + plan.max_tokens + closing > limit:
+            raise ValueError(
+                f"max_reasoning_tokens={plan.max_tokens} cannot fit this model's positions: the shortest "
+                f"reasoning prompt takes {shortest} and the closing tokens {closing}, so "
+                f"max_position_embeddings={limit} leaves at most {limit - shortest - closing} tokens to reason")
+        per_position = KVCache.bytes_per_position(self.config.text, self.dtype)
+        need = (shortest + plan.max_tokens + closing) * per_position
+        free = free_memory(self.device)
+        if free is not None and need > free:
+            raise ValueError(
+                f"max_reasoning_tokens={plan.max_tokens} cannot fit in memory: one item's KV cache needs "
+                f"{need / 2**30:.2f} GiB ({per_position} bytes a position), more than the {free / 2**30:.2f} GiB "
+                f"free on {self.device}; at most {max(0, free // per_position - shortest - closing)} tokens fit")
+
+    def _reasoning_positions_problem(self, prepared: PreparedItem, plan: ReasoningPlan) -> str | None:
+        """Why this prompt cannot reason with the plan's budget within the model's positions."""
+        limit = self.config.text.max_position_embeddings
+        used = int(prepared.position_ids.max()) + 1
+        need = used + plan.max_tokens + len(plan.close_ids)
+        if need <= limit:
+            return None
+        return (f"the prompt takes {used} positions; with max_reasoning_tokens={plan.max_tokens} and "
+                f"{len(plan.close_ids)} closing tokens it needs {need}, more than max_position_embeddings={limit}")
 
     def _try_prepare(self, obj: Any, index: int, truncate: bool, reasoning: bool = False) -> PreparedItem | ItemError:
         try:
@@ -324,6 +361,21 @@ class Encoder:
         for row, (i, ok) in enumerate(zip(indices, finite)):
             if ok:
                 out[i] = rows[row]
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (CUDA: the driver's free memory; CPU: the
+    kernel's MemAvailable), or None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 # ---------------------------------------------------------------------------- loading

@@ -156,6 +156,11 @@ class PromptBuilder:
             suppressed_ids=tuple(dict.fromkeys((cfg.image_token_id, cfg.video_token_id))),
         )
 
+    def shortest_prompt(self, reasoning: bool = False) -> int:
+        """Positions of the shortest prompt: no image and a one-token title."""
+        head_ids, tail_ids = self._template_ids(0, reasoning)
+        return len(head_ids) + 1 + len(tail_ids)
+
     @functools.lru_cache(maxsize=64)  # one builder per encoder, alive as long as the encoder
     def _template_ids(self, n_images: int, reasoning: bool) -> tuple[list[int], list[int]]:
         """Token ids of the template around the title, the same for every item with as many images."""
