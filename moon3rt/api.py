@@ -24,7 +24,7 @@ from .config import PRESETS, Moon3Config
 from .images import CLIP_MEAN, CLIP_STD, ImageError, gme_pre_resize, load_image, preprocess_image
 from .items import Item, ItemError, to_item
 from .model import Moon3Model, matryoshka, random_model
-from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, load_tokenizer
+from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, TokenizerError, load_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER = ASSETS / "moon3-tiny" / "tokenizer.json"
@@ -385,15 +385,31 @@ def _preprocessor_overrides(directory: Path, cfg: Moon3Config, raw: dict) -> tup
     path = directory / "preprocessor_config.json"
     if not path.exists():
         return mean, std
-    pre = json.loads(path.read_text())
-    mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+    try:
+        pre = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(pre, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(pre).__name__}")
+    mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+    for key, value in (("image_mean", mean), ("image_std", std)):
+        if not (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise CheckpointError(f"{path}: {key} must be a list of 3 numbers (R, G, B), got {value!r}")
+    if not all(v > 0 for v in std):
+        raise CheckpointError(f"{path}: image_std must be positive, got {std!r}")
     runtime = raw.get("moon3rt") or {}
     size = pre.get("size") or {}
-    if cfg.flavour != "gme" and "min_pixels" not in runtime:
-        cfg.min_pixels = int(pre.get("min_pixels", size.get("shortest_edge", cfg.min_pixels)))
-    if cfg.flavour != "gme" and "max_pixels" not in runtime:
-        cfg.max_pixels = int(pre.get("max_pixels", size.get("longest_edge", cfg.max_pixels)))
-    return mean, std
+    if not isinstance(size, dict):
+        raise CheckpointError(f"{path}: size must be an object (shortest_edge, longest_edge), got {size!r}")
+    for key, fallback in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if cfg.flavour == "gme" or key in runtime:
+            continue
+        value = pre.get(key, size.get(fallback, getattr(cfg, key)))
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"{path}: {key} must be a positive integer, got {value!r}")
+        setattr(cfg, key, value)
+    return tuple(mean), tuple(std)
 
 
 def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | None = None,
@@ -426,8 +442,11 @@ def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | N
     raw = json.loads((directory / "config.json").read_text())
     mean, std = _preprocessor_overrides(directory, net.cfg, raw)
     net.cfg.validate()
-    return Encoder(net, load_tokenizer(directory / "tokenizer.json"), device, dtype, backend, name, mean, std,
-                   reasoning=reasoning)
+    try:  # the tokenizer must suit the config: found here, not as a failure of every item later
+        return Encoder(net, load_tokenizer(directory / "tokenizer.json"), device, dtype, backend, name, mean, std,
+                       reasoning=reasoning)
+    except TokenizerError as err:
+        raise CheckpointError(f"{directory / 'tokenizer.json'}: {err}") from None
 
 
 _CACHE: dict[tuple, Encoder] = {}
