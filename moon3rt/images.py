@@ -25,8 +25,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 MIN_IMAGE_SIDE = 2
-# Above PIL's own process-wide limit (about 179M pixels) so that a 20000 x 20000 photo
-# (400M pixels, 1.2 GB as RGB) is accepted.
+# The one pixel limit, for every format and every kind of source: an image (encoded file,
+# PIL image or array) with more pixels is refused before it is decoded. It is above PIL's
+# own process-wide limit (MAX_IMAGE_PIXELS, about 179 M pixels for an error), which
+# load_image does not apply, so that a 20000 x 20000 photo (400 M pixels) is accepted.
 DEFAULT_MAX_IMAGE_PIXELS = 500_000_000
 
 # Errors PIL and its plugins raise for corrupt, truncated or unsupported data.
@@ -41,6 +43,35 @@ class ImageError(ValueError):
 
 # ---------------------------------------------------------------------------------------
 # Decoding
+
+# Several PIL plugins (TIFF, GIF, ICO, MPO, ...) check PIL's process-wide MAX_IMAGE_PIXELS
+# again while they read frames or tiles, so a 225 M pixel TIFF would be refused below our
+# documented limit while the same PNG is accepted. Inside load_image, after its own check
+# against the header's size, that second check is skipped for this thread only; every other
+# caller of PIL, and other threads, keep PIL's limit exactly as configured.
+_OWN_LIMIT = threading.local()
+_pil_bomb_check = Image._decompression_bomb_check
+
+
+def _bomb_check(size, *args, **kwargs):
+    if getattr(_OWN_LIMIT, "checked", None) is not None:
+        _check_pixels(*size, _OWN_LIMIT.checked)  # a frame larger than the header said is still refused
+        return None
+    return _pil_bomb_check(size, *args, **kwargs)
+
+
+Image._decompression_bomb_check = _bomb_check
+
+
+@contextlib.contextmanager
+def _own_pixel_limit(max_image_pixels: int):
+    previous = getattr(_OWN_LIMIT, "checked", None)
+    _OWN_LIMIT.checked = max_image_pixels
+    try:
+        yield
+    finally:
+        _OWN_LIMIT.checked = previous
+
 
 def _open_header(fp) -> Image.Image:
     """Identify the format from a binary file object and parse the header only (PIL opens
@@ -157,7 +188,7 @@ def _malloc_trim():
 
 def _decode(fp, max_image_pixels: int, target_pixels: int | None) -> Image.Image:
     """Decode an open binary file: header first (format, size, limits), pixels after."""
-    with _decode_errors():
+    with _decode_errors(), _own_pixel_limit(max_image_pixels):
         img = _open_header(fp)
         _check_pixels(*img.size, max_image_pixels)
         if target_pixels is not None and img.format == "JPEG":
@@ -277,7 +308,7 @@ def load_image(
         return _to_rgb(_from_array(source, max_image_pixels), composite_alpha)
     if isinstance(source, Image.Image):
         _check_pixels(*source.size, max_image_pixels)
-        with _decode_errors():
+        with _decode_errors(), _own_pixel_limit(max_image_pixels):
             source.load()
         # a transposed copy: the caller's image stays as is
         return _to_rgb(_transpose_by_exif(source, in_place=False), composite_alpha)
