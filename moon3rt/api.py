@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import threading
 import warnings
@@ -21,7 +22,7 @@ from .backends import create_backend
 from .batching import TokenBudget, pack
 from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, Moon3Config
-from .images import CLIP_MEAN, CLIP_STD, ImageError, gme_pre_resize, load_image, preprocess_image
+from .images import CLIP_MEAN, CLIP_STD, MAX_ASPECT_RATIO, ImageError, gme_pre_resize, load_image, preprocess_image
 from .items import Item, ItemError, to_item
 from .model import Moon3Model, matryoshka, random_model
 from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, TokenizerError, load_tokenizer
@@ -65,6 +66,13 @@ class EncodeResult:
         mask = np.ones(len(self.embeddings), dtype=bool)
         mask[[f.index for f in self.failures]] = False
         return mask
+
+
+def positive_int(name: str, value: Any) -> int:
+    """`value` as an int (numpy integers too), or a ValueError naming the argument."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -130,7 +138,8 @@ class Encoder:
         for j, source in enumerate(item.images):
             try:
                 gme = cfg.flavour == "gme"  # GME's own code drops alpha before its processor
-                image = load_image(source, target_pixels=cfg.max_pixels, composite_alpha=not gme)
+                image = load_image(source, target_pixels=cfg.max_pixels, composite_alpha=not gme,
+                                   max_aspect_ratio=None if gme else MAX_ASPECT_RATIO)
                 if gme:
                     image = gme_pre_resize(image)
                 images.append(preprocess_image(
@@ -199,14 +208,20 @@ class Encoder:
     def _encode(self, items, batch_size, max_batch_tokens, dim, normalize, show_progress, on_error, truncate,
                 num_workers, reasoning, max_reasoning_tokens) -> EncodeResult:
         reasoning = self.reasoning if reasoning is None else bool(reasoning)
+        if isinstance(max_reasoning_tokens, numbers.Integral) and not isinstance(max_reasoning_tokens, bool):
+            max_reasoning_tokens = int(max_reasoning_tokens)  # numpy integers too
         plan = self.reasoning_plan(max_reasoning_tokens) if reasoning else None
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= self.dim):
-            raise ValueError(f"dim={dim!r} is out of range: this model's vectors have {self.dim} dimensions")
-        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if dim is not None:
+            if not (isinstance(dim, numbers.Integral) and not isinstance(dim, bool) and 0 < dim <= self.dim):
+                raise ValueError(f"dim={dim!r} is out of range: this model's vectors have {self.dim} dimensions; "
+                                 f"give an integer from 1 to {self.dim}")
+            dim = int(dim)  # numpy integers too
+        batch_size = positive_int("batch_size", batch_size)
+        max_batch_tokens = positive_int("max_batch_tokens", max_batch_tokens)
+        if num_workers is not None:
+            num_workers = positive_int("num_workers", num_workers)
         if isinstance(items, (str, bytes, bytearray, memoryview, dict, np.ndarray, Image.Image, os.PathLike, Item)) \
                 or not isinstance(items, Iterable):
             raise TypeError("encode() takes a list of items; wrap a single item in a list")
@@ -215,7 +230,7 @@ class Encoder:
         texts: list[str | None] | None = [None] * len(items) if plan is not None else None
         room = plan.max_tokens + len(plan.close_ids) if plan is not None else 0  # cache slots to reason in
         failures: dict[int, ItemError] = {}
-        workers = max(1, num_workers if num_workers is not None else min(4, os.cpu_count() or 1))
+        workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
         bar = tqdm(total=len(items), disable=not show_progress, unit="item", desc="encode")
         budget = TokenBudget(max_batch_tokens, batch_size)
         prepared: dict[int, PreparedItem] = {}

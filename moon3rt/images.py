@@ -116,6 +116,13 @@ def _check_pixels(width: int, height: int, max_image_pixels: int) -> None:
         )
 
 
+def _check_aspect_ratio(width: int, height: int, max_aspect_ratio: float | None) -> None:
+    if max_aspect_ratio is not None and width > 0 and height > 0:
+        ratio = max(height, width) / min(height, width)
+        if ratio > max_aspect_ratio:
+            raise ImageError(f"aspect ratio {ratio:.1f} ({width}x{height}) is more than {max_aspect_ratio}")
+
+
 @contextlib.contextmanager
 def _decode_errors():
     """PIL's many exception types for bad data, as one ImageError with PIL's reason.
@@ -186,11 +193,13 @@ def _malloc_trim():
         return None
 
 
-def _decode(fp, max_image_pixels: int, target_pixels: int | None) -> Image.Image:
+def _decode(fp, max_image_pixels: int, target_pixels: int | None,
+            max_aspect_ratio: float | None = None) -> Image.Image:
     """Decode an open binary file: header first (format, size, limits), pixels after."""
     with _decode_errors(), _own_pixel_limit(max_image_pixels):
         img = _open_header(fp)
         _check_pixels(*img.size, max_image_pixels)
+        _check_aspect_ratio(*img.size, max_aspect_ratio)  # the file's own size, before any reduced decode
         if target_pixels is not None and img.format == "JPEG":
             _draft_jpeg(img, target_pixels)
         pixels = img.size[0] * img.size[1]
@@ -291,6 +300,7 @@ def load_image(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     target_pixels: int | None = None,
     composite_alpha: bool = True,
+    max_aspect_ratio: float | None = None,
 ) -> Image.Image:
     """Decode `source` into an RGB PIL image with its EXIF orientation applied.
 
@@ -300,14 +310,19 @@ def load_image(
     claims, in any format) is refused before decoding. A file is read from its header on:
     a non-image is refused after its first bytes. `target_pixels` (the processor's
     max_pixels) lets large JPEGs decode at a reduced size and huge other files shrink
-    right after decoding; left at None, the decode is PIL's full one. `composite_alpha`:
-    composite transparency on white (transformers) or drop it (GME). Truncated files are
-    errors unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set.
+    right after decoding; left at None, the decode is PIL's full one. `max_aspect_ratio`:
+    refuse a longer side more than this many times the shorter (checked on the file's
+    own size, before decoding). `composite_alpha`: composite transparency on white
+    (transformers) or drop it (GME). Truncated files are errors unless
+    PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set.
     """
     if isinstance(source, np.ndarray):
-        return _to_rgb(_from_array(source, max_image_pixels), composite_alpha)
+        image = _from_array(source, max_image_pixels)
+        _check_aspect_ratio(*image.size, max_aspect_ratio)
+        return _to_rgb(image, composite_alpha)
     if isinstance(source, Image.Image):
         _check_pixels(*source.size, max_image_pixels)
+        _check_aspect_ratio(*source.size, max_aspect_ratio)
         with _decode_errors(), _own_pixel_limit(max_image_pixels):
             source.load()
         # a transposed copy: the caller's image stays as is
@@ -321,9 +336,9 @@ def load_image(
         except OSError as e:
             raise ImageError(f"cannot read {path!r}: {e.strerror or e}") from None
         with f:
-            img = _decode(f, max_image_pixels, target_pixels)
+            img = _decode(f, max_image_pixels, target_pixels, max_aspect_ratio)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        img = _decode(io.BytesIO(source), max_image_pixels, target_pixels)
+        img = _decode(io.BytesIO(source), max_image_pixels, target_pixels, max_aspect_ratio)
     else:
         raise ImageError(
             f"unsupported image type {type(source).__name__}; expected a path, bytes, "

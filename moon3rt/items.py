@@ -74,6 +74,9 @@ def to_item(obj: Any, index: int) -> Item:
             images = obj["images"]
             if not isinstance(images, (list, tuple)):
                 raise ItemError(index, f"'images' must be a list, got {type(images).__name__}")
+        elif isinstance(obj.get("image"), (list, tuple)):
+            raise ItemError(index, f"'image' takes one image, got a {type(obj['image']).__name__} of "
+                                   f"{len(obj['image'])}; give several as 'images': [...]")
         elif obj.get("image") is not None:
             images = (obj["image"],)
         else:

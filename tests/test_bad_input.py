@@ -56,6 +56,12 @@ def bad_cases(directory: Path) -> dict[str, tuple[object, str]]:
         "image and images": ({"image": GOOD[2], "images": [GOOD[2]]}, "either 'image' or 'images'"),
         "images not a list": ({"images": "tee.jpg"}, "'images' must be a list"),
         "second image bad": ({"images": [GOOD[2], b"junk"]}, "image 1: not a recognised image format"),
+        "one byte": (b"x", r"not a recognised image format \(corrupt or unsupported data, or not an image: "
+                           r"it starts b'x'\)"),
+        "list as 'image'": ({"image": [GOOD[2], GOOD[2]]}, r"'image' takes one image, got a list of 2; "
+                                                        r"give several as 'images'"),
+        "30000x100 jpeg": (encoded(np.zeros((100, 30000, 3), np.uint8), "JPEG"),
+                           r"aspect ratio 300.0 \(30000x100\) is more than 200"),
         "missing file": ({"image": directory / "no_such.jpg"}, "file not found"),
         "decompression bomb": (png_header_only(100_000, 100_000), "decompression bomb"),
         "lone surrogate": ("tee \ud800", "not valid Unicode"),
@@ -82,7 +88,7 @@ CASE_NAMES = [
     "corrupt bytes", "truncated jpeg", "truncated png", "0x0 array", "1x300 image", "float array", "empty string",
     "empty dict", "blank text", "int", "None", "list", "unknown key", "text not a string", "image and images",
     "images not a list", "second image bad", "missing file", "decompression bomb",
-    "lone surrogate", "Item.images not a list",
+    "lone surrogate", "Item.images not a list", "one byte", "list as 'image'", "30000x100 jpeg",
 ]
 
 
@@ -347,3 +353,21 @@ def test_huge_png_peak_memory_does_not_grow_with_workers(tmp_path):
         grown[workers] = result
     assert grown[4]["grown_mb"] < grown[1]["grown_mb"] + 48, grown
     assert grown[4]["after_mb"] < 48, grown
+
+
+def test_numpy_integers_are_accepted_and_bad_numbers_named(encoder):
+    full = encoder.encode(["red tee"])
+    np.testing.assert_allclose(encoder.encode(["red tee"], dim=np.int64(32)), encoder.encode(["red tee"], dim=32))
+    same = encoder.encode(["red tee"], batch_size=np.int32(2), max_batch_tokens=np.int64(4096), num_workers=np.int8(1))
+    np.testing.assert_array_equal(same, full)
+    for kwargs, message in (
+        ({"num_workers": 1.5}, "num_workers must be a positive integer, got 1.5"),
+        ({"num_workers": 0}, "num_workers must be a positive integer, got 0"),
+        ({"dim": 0}, f"dim=0 is out of range: this model's vectors have {encoder.dim} dimensions; give an integer"),
+        ({"dim": True}, "dim=True is out of range"),
+        ({"dim": 2.0}, "dim=2.0 is out of range"),
+        ({"dim": encoder.dim + 1}, f"dim={encoder.dim + 1} is out of range: this model's vectors have {encoder.dim}"),
+        ({"batch_size": 2.0}, "batch_size must be a positive integer, got 2.0"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            encoder.encode(["red tee"], **kwargs)
