@@ -125,9 +125,10 @@ def main() -> None:
     if args.child:
         return child(json.loads(args.child))
 
-    import moon3rt
     import PIL
     import torch
+
+    import moon3rt
 
     sys.path.insert(0, str(REPO / "bench"))
     from reporting import git_commit
@@ -167,7 +168,8 @@ def main() -> None:
             p.unlink()
         tmp.rmdir()
     if args.json:
-        Path(args.json).write_text(json.dumps({"commit": git_commit(), "baseline": args.baseline, "rows": rows}, indent=2))
+        report = {"commit": git_commit(), "baseline": args.baseline, "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def _check_weight_map(directory: Path, index: dict[str, tuple]) -> None:
         return
     weight_map = json.loads(path.read_text())["weight_map"]
     held = {entry[1]: entry[0].name for entry in index.values()}
-    wrong = [f"{name} (index: {shard}; " + (f"found in {held[name]})" if name in held else "in none of the shards it lists)")
+    wrong = [f"{name} (index: {shard}; " + (f"found in {held[name]})" if name in held else "in none of its shards)")
              for name, shard in sorted(weight_map.items()) if held.get(name) != shard]
     if wrong:
         raise CheckpointError(f"{path}: {len(wrong)} tensor(s) are not in the shard the index names: "
