@@ -201,3 +201,12 @@ def test_parquet_without_the_named_columns_is_refused_by_name(encoder, tmp_path)
     pq.write_table(pa.table({"title": ["a"]}), tmp_path / "x.parquet")
     with pytest.raises(ValueError, match="no 'text' or 'image' column.*--text-column"):
         check_inputs(input_files([tmp_path / "x.parquet"]), Columns(), {})
+
+
+def test_truncated_titles_are_counted_in_the_summary_not_warned_per_chunk(encoder, tmp_path, recwarn):
+    long_title = " ".join(["very long title words"] * encoder.config.max_text_tokens)
+    source = write_text_jsonl(tmp_path / "items.jsonl", [long_title, "short", long_title, long_title])
+    summary = job(encoder, [source], tmp_path / "out", chunk_rows=2)
+    assert summary.truncated == 3 and summary.failures == 0
+    assert "3 titles truncated" in summary.line(48)
+    assert not [w for w in recwarn if "truncated" in str(w.message)]

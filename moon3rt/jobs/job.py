@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,7 +106,9 @@ def run(encoder, files: Sequence[Path], out, done: dict[str, list], *, columns: 
                 break
             t0 = time.perf_counter()
             try:
-                result = encoder.encode_with_report([r.item for r in chunk], **kwargs)
+                with warnings.catch_warnings():  # counted in the summary instead of one warning per chunk
+                    warnings.filterwarnings("ignore", message=r".*title\(s\) truncated", category=UserWarning)
+                    result = encoder.encode_with_report([r.item for r in chunk], **kwargs)
             except EncodeError as err:
                 lines = [_failure_line(chunk[f.index], f.reason) for f in err.failures]
                 raise JobError(f"{len(lines)} row(s) cannot be embedded (--strict):\n  " + "\n  ".join(lines)) from None
@@ -121,7 +124,7 @@ def run(encoder, files: Sequence[Path], out, done: dict[str, list], *, columns: 
                                                     "id": row.id, "reason": f.reason})
                 elif summary.failures == MAX_REPORTED + 1:
                     print("failed: ... more failures; each is in the output's error column", file=log)
-            summary.truncated += len(getattr(result, "truncated", None) or ())
+            summary.truncated += len(result.truncated)
             summary.items += len(chunk)
             out.add([r.id for r in chunk], result.embeddings, errors, result.reasoning, consumed)
             if progress is not None:
