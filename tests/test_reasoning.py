@@ -126,7 +126,7 @@ def test_cache_matches_rerun_loop_1d_positions():
 
 
 def test_cache_matches_rerun_loop_triton(monkeypatch):
-    import moon3rt.backends.triton_backend as triton_backend
+    from moon3rt.backends import triton_backend
 
     fast = lively_encoder("triton")  # the reference loop runs on the same (fused-view) weights
     calls = []
@@ -170,6 +170,35 @@ def test_budget_is_respected_exactly(lively):
     assert zero.tokens == [[], []] and zero.steps == len(plan.close_ids)
     with pytest.raises(ValueError, match="max_reasoning_tokens"):
         lively.encode(ITEMS[:1], reasoning=True, max_reasoning_tokens=-1)
+
+
+def test_budget_must_fit_the_positions_and_the_cache(monkeypatch):
+    """A budget the model's positions cannot hold is refused up front with the limit (a
+    10**6 budget once decoded for minutes); a prompt too long for the budget fails alone."""
+    cfg = untied_config()
+    cfg.text.max_position_embeddings = 90
+    enc = Encoder(random_model(cfg, seed=0, lm_head=True), load_tokenizer(TINY_TOKENIZER), torch.device("cpu"),
+                  torch.float32)
+    shortest, closing = enc.prompt.shortest_prompt(reasoning=True), 3
+    most = 90 - shortest - closing
+    assert enc.reasoning_plan(most).max_tokens == most
+    for budget in (most + 1, 10**6):
+        with pytest.raises(ValueError, match=f"max_reasoning_tokens={budget} cannot fit .* "
+                                             f"max_position_embeddings=90 leaves at most {most} tokens"):
+            enc.encode(["tee"], reasoning=True, max_reasoning_tokens=budget)
+    long_title = "brown leather oxford shoes with waxed laces and a stacked heel, size 44"
+    used = int(enc.prepare(long_title, reasoning=True).position_ids.max()) + 1
+    budget = 90 - used - closing + 1  # one position too many for the long title, enough for "tee"
+    result = enc.encode_with_report(["tee", long_title], reasoning=True, max_reasoning_tokens=budget)
+    assert [f.index for f in result.failures] == [1]
+    assert f"the prompt takes {used} positions" in result.failures[0].reason
+    assert "more than max_position_embeddings=90" in result.failures[0].reason
+    assert np.isfinite(result.embeddings[0]).all() and result.reasoning[1] is None
+
+    # the KV cache of one item must fit the device's free memory
+    monkeypatch.setattr(moon3rt.api, "free_memory", lambda device: 1000)
+    with pytest.raises(ValueError, match=r"cannot fit in memory: one item's KV cache needs .* GiB .* free on cpu"):
+        enc.encode(["tee"], reasoning=True, max_reasoning_tokens=4)
 
 
 # ------------------------------------------------------------- early and late finishers
@@ -350,10 +379,11 @@ def cli_input(directory: Path) -> Path:
 
 def test_cli_writes_the_reasoning(tmp_path, capsys):
     out = tmp_path / "vectors.npy"
-    args = ["encode", "--input", str(cli_input(tmp_path)), "--output", str(out), "--device", "cpu", "--no-progress"]
+    args = ["encode", "--input", str(cli_input(tmp_path)), "--output", str(out), "--device", "cpu", "--no-progress",
+            "--model", "moon3-tiny-random"]
     assert cli.main(args + ["--reasoning", "--max-reasoning-tokens", "2"]) == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "vectors.reasoning.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", "b", "line 3"]
+    assert [r["id"] for r in rows] == ["a", "b", "2"]  # a row without an id (here: unparsable) is named by position
     assert rows[0]["reasoning"] == "\n\n" and rows[2]["reasoning"] is None
     vectors = np.load(out)
     assert vectors.shape == (3, 48) and np.isnan(vectors[2]).all()
@@ -366,6 +396,6 @@ def test_cli_parquet_has_a_reasoning_column(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet", reason="the parquet extra (CI installs it: tests/test_environment.py)")
     out = tmp_path / "vectors.parquet"
     assert cli.main(["encode", "--input", str(cli_input(tmp_path)), "--output", str(out), "--device", "cpu",
-                     "--reasoning", "--max-reasoning-tokens", "2", "--no-progress"]) == 0
+                     "--model", "moon3-tiny-random", "--reasoning", "--max-reasoning-tokens", "2", "--no-progress"]) == 0
     table = pq.read_table(out).to_pydict()
     assert table["reasoning"] == ["\n\n", "\n\n", None]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-import moon3rt
-from moon3rt.checkpoint import load_model
 from moon3rt.train import loop
 from moon3rt.train.data import DataError, read_dataset
 from moon3rt.train.loop import TrainConfig, TrainingStopped, train
+
+import moon3rt
+from moon3rt.checkpoint import load_model
 from moon3rt.world import WorldSpec, write_split
 
 SPEC = WorldSpec(seed=5, train_products=16, image_queries=1, text_queries=2, size=56)
@@ -50,7 +50,7 @@ def logged(out):
 def test_loss_falls_over_a_few_dozen_steps(world, tmp_path):
     train(config(world, tmp_path, steps=30, lr=1e-2, hard_negatives=False))
     rows = logged(tmp_path)
-    mean = lambda key, part: np.mean([r[key] for r in part])  # noqa: E731
+    mean = lambda key, part: np.mean([r[key] for r in part])
     assert mean("loss", rows[-3:]) < 0.9 * mean("loss", rows[:3]), rows
     assert mean("ntp", rows[-3:]) < 0.7 * mean("ntp", rows[:3]), rows
     assert all("ntp" in r and "nce" in r for r in rows)

@@ -37,7 +37,7 @@ def test_products_are_deterministic_per_seed_and_distinct():
 def test_heldout_triples_never_appear_in_training():
     held = heldout_triples(SPEC.seed, SPEC.heldout_fraction)
     train = products(WorldSpec(seed=SPEC.seed, train_products=2000), "train")
-    triple = lambda p: (p["attributes"]["category"], p["attributes"]["colour"], p["attributes"]["pattern"])  # noqa: E731
+    triple = lambda p: (p["attributes"]["category"], p["attributes"]["colour"], p["attributes"]["pattern"])
     assert not any(triple(p) in held for p in train)
     assert all(triple(p) in held for p in products(SPEC, "heldout"))
     seen = {v for p in train for v in p["attributes"].values()}

@@ -36,6 +36,7 @@ from . import distributed
 from .data import Preparer, build_step, positive_mask, read_dataset, sample_pairs
 from .losses import matryoshka_info_nce, next_token_loss
 
+
 class TrainingStopped(RuntimeError):
     """Training stopped early (non-finite loss); the message names the step and the last good checkpoint."""
 

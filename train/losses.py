@@ -42,7 +42,7 @@ def matryoshka_info_nce(q_local, p_local, q_all, p_all, positives, temperature, 
     """Mean of `info_nce` over the Matryoshka prefixes `dims` (each truncated, then renormalised)."""
     losses = []
     for d in dims:
-        f = lambda x: F.normalize(x[:, :d], dim=-1)  # noqa: E731
+        f = lambda x, d=d: F.normalize(x[:, :d], dim=-1)  # noqa: E731
         losses.append(info_nce(f(q_local), f(p_local), f(q_all), f(p_all), positives, temperature, row_offset))
     return torch.stack(losses).mean()
 

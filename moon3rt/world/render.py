@@ -195,7 +195,7 @@ def render(attributes: dict[str, str], seed, size: int = 112, jitter: bool = Tru
     geo = _shape(category, attributes.get("strap"))
     big = size * supersample
     place = _affine(rng, big, jitter)
-    pts = lambda poly: [place(p) for p in poly]  # noqa: E731
+    pts = lambda poly: [place(p) for p in poly]
 
     # background
     if jitter:
