@@ -1,0 +1,316 @@
+"""The dynamic batcher: one queue and one worker thread that owns the `Encoder`.
+
+Requests' items are prepared (`Encoder.prepare`: decode, resize, tokenise) in a thread
+pool, then queued. The worker takes items in arrival order into a batch under the same
+`TokenBudget` as `Encoder.encode`, runs `Encoder.embed_prepared` (which retries a failing
+batch item by item, as `encode` does) and hands each request its rows. Many one-item
+requests share a batch; a request with many items spans several.
+
+When to run: as soon as the queue holds a full batch, or nothing more is being prepared,
+or the oldest queued item has waited `max_wait_ms`. So a lone request runs at once, and
+under load items gather while the model is busy with the batch before.
+
+Items that need reasoning (one `ReasoningPlan`) and items that do not are batched apart.
+An exception that `embed_prepared` does not turn into an item failure (a broken device, a
+bug) stops the worker: every waiting request gets 503 and `/health` turns 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..api import Encoder
+from ..batching import TokenBudget
+from ..items import ItemError
+from ..prompt import PreparedItem, ReasoningPlan
+from .errors import ItemsRejected, QueueFull, Unavailable
+from .metrics import Metrics
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's items on their way through the batcher; `future` resolves when all are done."""
+
+    n: int
+    plan: ReasoningPlan | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    rows: np.ndarray | None = None  # (n, full dim) raw model outputs
+    texts: list[str | None] | None = None
+    failures: list[ItemError] = field(default_factory=list)
+    prompt_tokens: int = 0
+    remaining: int = 0
+    queued_at: float = 0.0
+    queue_s: float | None = None  # until its first batch started
+    model_s: float = 0.0  # summed over the batches it took part in
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Entry:
+    job: Job
+    index: int  # position in the request's input
+    prepared: PreparedItem
+    cost: int
+
+
+class Batcher:
+    """Queue, admission limits and the batching worker for one `Encoder`."""
+
+    def __init__(self, encoder: Encoder, metrics: Metrics, *, max_batch_tokens: int = 16384,
+                 max_batch_items: int = 64, max_wait_ms: float = 5.0, max_queue_items: int = 1024,
+                 workers: int = 4):
+        for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_items", max_batch_items),
+                            ("max_queue_items", max_queue_items), ("workers", workers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        self.encoder, self.metrics = encoder, metrics
+        self.max_batch_tokens, self.max_batch_items = max_batch_tokens, max_batch_items
+        self.max_wait_s, self.max_queue_items = max_wait_ms / 1000, max_queue_items
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moon3rt-prepare")
+        self._cond = threading.Condition()
+        # one lane per reasoning plan (None: direct mode); each lane is FIFO
+        self._lanes: dict[ReasoningPlan | None, collections.deque[_Entry]] = {}
+        self._lane_cost: dict[ReasoningPlan | None, int] = {}
+        self._admitted = 0  # items admitted and not yet in a batch: preparing or queued
+        self._preparing = 0
+        self._running: list[_Entry] = []
+        self._closing = False
+        self.error: str | None = None  # why the worker stopped, once it has
+        self._thread = threading.Thread(target=self._work, name="moon3rt-batcher", daemon=True)
+
+    # ------------------------------------------------------------------ state
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive() and not self._closing
+
+    def problem(self) -> str | None:
+        """Why the batcher cannot serve right now, or None."""
+        if self.error is not None:
+            return f"the batcher stopped: {self.error}"
+        if self._closing:
+            return "the server is shutting down"
+        if not self._thread.is_alive():
+            return "the batcher is not running"
+        return None
+
+    @property
+    def queued_items(self) -> int:
+        return self._admitted
+
+    # ------------------------------------------------------------ admission
+    def admit(self, n: int) -> None:
+        """Reserve room for `n` items, or raise `QueueFull` (429) / `Unavailable` (503)."""
+        with self._cond:
+            problem = self.problem()
+            if problem is not None:
+                raise Unavailable(problem)
+            if self._admitted + n > self.max_queue_items:
+                raise QueueFull(self._admitted, self.max_queue_items, self._retry_after())
+            self._admitted += n
+            self._preparing += n
+            self.metrics.queue_depth.set(self._admitted)
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has drained at the recent rate (at least 1)."""
+        rate = self.metrics.rate()
+        return max(1, math.ceil(self._admitted / rate)) if rate > 0 else 1
+
+    def _release(self, n: int, preparing: int = 0) -> None:
+        with self._cond:
+            self._admitted -= n
+            self._preparing -= preparing
+            self.metrics.queue_depth.set(self._admitted)
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------- preparation
+    async def prepare(self, raw: Sequence[Any], resolve: Callable[[Any, int], Any],
+                      plan: ReasoningPlan | None) -> Job:
+        """Prepare an admitted request's items in the pool; raises `ItemsRejected` naming bad ones.
+
+        resolve(obj, index): the HTTP input as an `Encoder.prepare` item (raises `ItemError`).
+        """
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+
+        def one(i: int) -> PreparedItem | ItemError:
+            try:
+                return self.encoder.prepare(resolve(raw[i], i), i, reasoning=plan is not None)
+            except ItemError as err:
+                return err
+
+        n = len(raw)
+        try:
+            results = await asyncio.gather(*(loop.run_in_executor(self.pool, one, i) for i in range(n)))
+        except BaseException:  # cancelled (client gone, shutdown): give the room back
+            self._release(n, preparing=n)
+            raise
+        self.metrics.preprocess.observe(time.perf_counter() - start)
+        failures = [r for r in results if isinstance(r, ItemError)]
+        if failures:
+            self._release(n, preparing=n)
+            self.metrics.items.labels("invalid").inc(len(failures))
+            raise ItemsRejected(failures)
+        job = Job(n=n, plan=plan, loop=loop, future=loop.create_future(), remaining=n,
+                  prompt_tokens=sum(p.num_tokens for p in results))
+        self._enqueue(job, results)
+        return job
+
+    def _enqueue(self, job: Job, prepared: list[PreparedItem]) -> None:
+        with self._cond:
+            self._preparing -= job.n
+            if self.error is not None:
+                self._admitted -= job.n
+                self.metrics.queue_depth.set(self._admitted)
+                raise Unavailable(f"the batcher stopped: {self.error}")
+            job.queued_at = time.perf_counter()
+            lane = self._lanes.setdefault(job.plan, collections.deque())
+            for i, p in enumerate(prepared):
+                cost = Encoder.batch_cost(p, job.plan)
+                lane.append(_Entry(job, i, p, cost))
+                self._lane_cost[job.plan] = self._lane_cost.get(job.plan, 0) + cost
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a request's queued items (its client has gone); items already running finish unseen."""
+        with self._cond:
+            if job.cancelled:
+                return
+            job.cancelled = True
+            lane = self._lanes.get(job.plan)
+            if lane is None:
+                return
+            kept = collections.deque(e for e in lane if e.job is not job)
+            dropped = len(lane) - len(kept)
+            if dropped:
+                self._lanes[job.plan] = kept
+                self._lane_cost[job.plan] = sum(e.cost for e in kept)
+                self._admitted -= dropped
+                self.metrics.queue_depth.set(self._admitted)
+                self.metrics.items.labels("dropped").inc(dropped)
+            self._cond.notify_all()
+
+    # --------------------------------------------------------------- worker
+    def _oldest_lane(self) -> ReasoningPlan | None | bool:
+        """The lane whose head item has waited longest; False when all are empty."""
+        heads = [(lane[0].job.queued_at, key) for key, lane in self._lanes.items() if lane]
+        return min(heads, key=lambda h: h[0])[1] if heads else False
+
+    def _full(self, key) -> bool:
+        return (len(self._lanes[key]) >= self.max_batch_items
+                or self._lane_cost[key] >= self.max_batch_tokens)
+
+    def _next_batch(self) -> list[_Entry] | None:
+        with self._cond:
+            while True:
+                key = self._oldest_lane()
+                if key is False:
+                    if self._closing and self._preparing == 0:
+                        return None
+                    self._cond.wait(0.5 if self._closing else None)
+                    continue
+                deadline = self._lanes[key][0].job.queued_at + self.max_wait_s
+                while self._preparing and self._lanes[key] and not self._full(key):
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                lane = self._lanes[key]
+                if not lane:  # its requests were cancelled meanwhile
+                    continue
+                budget, batch = TokenBudget(self.max_batch_tokens, self.max_batch_items), []
+                while lane and budget.add(len(batch), lane[0].cost) is None:
+                    batch.append(lane.popleft())
+                self._lane_cost[key] -= sum(e.cost for e in batch)
+                self._admitted -= len(batch)
+                self.metrics.queue_depth.set(self._admitted)
+                self._running = batch
+                return batch
+
+    def _work(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._run(batch)
+                self._running = []
+        except BaseException as err:  # noqa: BLE001 - whatever stops the worker is reported, never swallowed
+            self._stop(f"{type(err).__name__}: {err}")
+            raise
+
+    def _run(self, batch: list[_Entry]) -> None:
+        start = time.perf_counter()
+        for e in batch:
+            if e.job.queue_s is None:
+                e.job.queue_s = start - e.job.queued_at
+            self.metrics.queue_wait.observe(start - e.job.queued_at)
+        result = self.encoder.embed_prepared([e.prepared for e in batch], batch[0].job.plan)
+        seconds = time.perf_counter() - start
+        self.metrics.model.observe(seconds)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(sum(e.prepared.cost for e in batch))
+        failed = {f.index: f.reason for f in result.failures}
+        self.metrics.embedded(len(batch) - len(failed))
+        for job in {e.job: None for e in batch}:
+            job.model_s += seconds
+        for pos, e in enumerate(batch):
+            job = e.job
+            if job.rows is None:
+                job.rows = np.full((job.n, result.embeddings.shape[1]), np.nan, dtype=np.float32)
+                job.texts = [None] * job.n if result.reasoning is not None else None
+            if pos in failed:
+                job.failures.append(ItemError(e.index, failed[pos]))
+            else:
+                job.rows[e.index] = result.embeddings[pos]
+                if job.texts is not None:
+                    job.texts[e.index] = result.reasoning[pos]
+            job.remaining -= 1
+            if job.remaining == 0:
+                _resolve(job, None)
+
+    def _stop(self, error: str) -> None:
+        """The worker is gone: fail every request still waiting on it."""
+        with self._cond:
+            self.error = error
+            waiting = list(self._running) + [e for lane in self._lanes.values() for e in lane]
+            for lane in self._lanes.values():
+                lane.clear()
+            self._admitted = self._preparing
+            self.metrics.queue_depth.set(self._admitted)
+        for job in {e.job: None for e in waiting}:
+            _resolve(job, Unavailable(f"the batcher stopped: {error}"))
+
+    # -------------------------------------------------------------- shutdown
+    def close(self, timeout: float) -> None:
+        """Finish queued work for up to `timeout` seconds, then fail what is left and stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout) if self._thread.is_alive() else None
+        if self._thread.is_alive():
+            self._stop(f"shut down with work left after {timeout:g} s (--shutdown-timeout)")
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _resolve(job: Job, error: Exception | None) -> None:
+    def settle() -> None:
+        if not job.future.done():
+            job.future.set_exception(error) if error is not None else job.future.set_result(None)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the event loop is closed: nobody is waiting any more
+        pass
