@@ -11,14 +11,16 @@ or the oldest queued item has waited `max_wait_ms`. So a lone request runs at on
 under load items gather while the model is busy with the batch before.
 
 Items that need reasoning (one `ReasoningPlan`) and items that do not are batched apart.
-An exception that `embed_prepared` does not turn into an item failure (a broken device, a
-bug) stops the worker: every waiting request gets 503 and `/health` turns 503.
+An exception that `embed_prepared` does not turn into an item failure (a bug, or a broken
+device, which a batch whose every item failed is checked for) stops the worker: every
+waiting request gets 503 and `/health` turns 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import threading
 import time
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..api import Encoder
 from ..batching import TokenBudget
@@ -35,6 +38,8 @@ from ..items import ItemError
 from ..prompt import PreparedItem, ReasoningPlan
 from .errors import ItemsRejected, QueueFull, Unavailable
 from .metrics import Metrics
+
+log = logging.getLogger("moon3rt.serve")
 
 
 @dataclass(eq=False)
@@ -247,9 +252,9 @@ class Batcher:
             while (batch := self._next_batch()) is not None:
                 self._run(batch)
                 self._running = []
-        except BaseException as err:  # noqa: BLE001 - whatever stops the worker is reported, never swallowed
+        except BaseException as err:  # noqa: BLE001 - whatever stops the worker is logged and reported
+            log.exception("the batcher stopped; /health now answers 503")
             self._stop(f"{type(err).__name__}: {err}")
-            raise
 
     def _run(self, batch: list[_Entry]) -> None:
         start = time.perf_counter()
@@ -263,6 +268,10 @@ class Batcher:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(sum(e.prepared.cost for e in batch))
         failed = {f.index: f.reason for f in result.failures}
+        if failed and len(failed) == len(batch) and self.encoder.device.type == "cuda":
+            # every item failed alone: if the device itself is broken (a sticky CUDA error), this
+            # raises and stops the worker, so /health reports it instead of failing items forever
+            torch.cuda.synchronize(self.encoder.device)
         self.metrics.embedded(len(batch) - len(failed))
         for job in {e.job: None for e in batch}:
             job.model_s += seconds
