@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,8 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..api import Encoder
 from ..model import matryoshka
 from .batcher import Batcher
-from .errors import (BodyTooLarge, InvalidRequest, ItemsRejected, MalformedRequest, ModelNotFound, ServeError,
-                     Unauthorized, Unavailable)
+from .errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    ItemsRejected,
+    MalformedRequest,
+    ModelNotFound,
+    ServeError,
+    Unauthorized,
+    Unavailable,
+)
 from .inputs import ImagePolicy, to_encoder_item
 from .metrics import Metrics
 

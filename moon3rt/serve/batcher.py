@@ -252,7 +252,7 @@ class Batcher:
             while (batch := self._next_batch()) is not None:
                 self._run(batch)
                 self._running = []
-        except BaseException as err:  # noqa: BLE001 - whatever stops the worker is logged and reported
+        except BaseException as err:
             log.exception("the batcher stopped; /health now answers 503")
             self._stop(f"{type(err).__name__}: {err}")
 
