@@ -177,7 +177,6 @@ def create_app(encoder: Encoder, settings: ServeSettings | None = None) -> FastA
         check_dimensions(req.dimensions, encoder.dim, matryoshka_dims)
         plan = reasoning_plan(encoder, req.reasoning)
         raw = input_items(req.input, settings.max_items_per_request)
-        batcher.admit(len(raw))
         job = await run_job(request, batcher, raw, lambda obj, i: to_encoder_item(obj, i, policy), plan)
         if job.failures:
             metrics.items.labels("failed").inc(len(job.failures))
@@ -196,8 +195,8 @@ def create_app(encoder: Encoder, settings: ServeSettings | None = None) -> FastA
         usage = {"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens}
         payload = json.dumps({"object": "list", "data": data, "model": served, "usage": usage})
         total_ms = (time.perf_counter() - start) * 1000
-        timing = (f"queue;dur={(job.queue_s or 0) * 1000:.3f}, model;dur={job.model_s * 1000:.3f}, "
-                  f"total;dur={total_ms:.3f}")
+        timing = (f"prepare;dur={job.prepare_s * 1000:.3f}, queue;dur={(job.queue_s or 0) * 1000:.3f}, "
+                  f"model;dur={job.model_s * 1000:.3f}, total;dur={total_ms:.3f}")
         return Response(payload, media_type=JSON, headers={"Server-Timing": timing})
 
     return app
@@ -276,28 +275,19 @@ def input_items(value: Any, max_items: int) -> list:
 
 
 async def run_job(request: Request, batcher: Batcher, raw: list, resolve, plan):
-    """Prepare and embed a request's items; drops them from the queue if the client goes away."""
-    holder = []
-
-    async def work():
-        job = await batcher.prepare(raw, resolve, plan)
-        holder.append(job)
-        await job.future
-        return job
-
-    task = asyncio.ensure_future(work())
+    """Submit a request's items and wait for them; drops them if the client goes away first."""
+    job = batcher.submit(raw, resolve, plan)
     watch = asyncio.ensure_future(_disconnect(request))
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
+        await asyncio.wait({job.future, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not job.future.done():
             raise Unavailable("client disconnected")  # nobody reads this; the items are dropped below
-        return task.result()
+        job.future.result()  # raises ItemsRejected / Unavailable
+        return job
     finally:
         watch.cancel()
-        if not task.done():
-            task.cancel()
-            if holder:  # queued: drop its items (while still preparing, the cancel gives its room back)
-                batcher.cancel(holder[0])
+        if not job.future.done():
+            batcher.cancel(job)
 
 
 async def _disconnect(request: Request) -> None:

@@ -56,6 +56,10 @@ class Job:
     prompt_tokens: int = 0
     remaining: int = 0
     queued_at: float = 0.0
+    prepared: list = field(default_factory=list)  # per item while preparing: PreparedItem | ItemError | None
+    unprepared: int = 0
+    submitted_at: float = 0.0
+    prepare_s: float = 0.0  # decode, resize, tokenise (all items, in the pool)
     queue_s: float | None = None  # until its first batch started
     model_s: float = 0.0  # summed over the batches it took part in
     cancelled: bool = False
@@ -118,9 +122,19 @@ class Batcher:
     def queued_items(self) -> int:
         return self._admitted
 
-    # ------------------------------------------------------------ admission
-    def admit(self, n: int) -> None:
-        """Reserve room for `n` items, or raise `QueueFull` (429) / `Unavailable` (503)."""
+    # ------------------------------------------------- admission and preparation
+    def submit(self, raw: Sequence[Any], resolve: Callable[[Any, int], Any], plan: ReasoningPlan | None) -> Job:
+        """Admit a request and prepare its items in the pool; the last one prepared queues them all.
+
+        resolve(obj, index): an HTTP input as an `Encoder.prepare` item (raises `ItemError`).
+        Raises `QueueFull` (429) or `Unavailable` (503) when the request cannot be admitted.
+        `job.future` then resolves once every item is embedded, or fails with `ItemsRejected`
+        (422, naming every bad item) or `Unavailable`.
+        """
+        n = len(raw)
+        loop = asyncio.get_running_loop()
+        job = Job(n=n, plan=plan, loop=loop, future=loop.create_future(), remaining=n,
+                  prepared=[None] * n, unprepared=n, submitted_at=time.perf_counter())
         with self._cond:
             problem = self.problem()
             if problem is not None:
@@ -130,81 +144,72 @@ class Batcher:
             self._admitted += n
             self._preparing += n
             self.metrics.queue_depth.set(self._admitted)
+        for i in range(n):
+            self.pool.submit(self._prepare_one, job, raw, resolve, i)
+        return job
 
     def _retry_after(self) -> int:
         """Seconds until the queue has drained at the recent rate (at least 1)."""
         rate = self.metrics.rate()
         return max(1, math.ceil(self._admitted / rate)) if rate > 0 else 1
 
-    def _release(self, n: int, preparing: int = 0) -> None:
-        with self._cond:
-            self._admitted -= n
-            self._preparing -= preparing
-            self.metrics.queue_depth.set(self._admitted)
-            self._cond.notify_all()
-
-    # ---------------------------------------------------------- preparation
-    async def prepare(self, raw: Sequence[Any], resolve: Callable[[Any, int], Any],
-                      plan: ReasoningPlan | None) -> Job:
-        """Prepare an admitted request's items in the pool; raises `ItemsRejected` naming bad ones.
-
-        resolve(obj, index): the HTTP input as an `Encoder.prepare` item (raises `ItemError`).
-        """
-        loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-
-        def one(i: int) -> PreparedItem | ItemError:
+    def _prepare_one(self, job: Job, raw: Sequence[Any], resolve, i: int) -> None:
+        result: PreparedItem | ItemError | None = None
+        if not job.cancelled:
             try:
-                return self.encoder.prepare(resolve(raw[i], i), i, reasoning=plan is not None)
+                result = self.encoder.prepare(resolve(raw[i], i), i, reasoning=job.plan is not None)
             except ItemError as err:
-                return err
-
-        n = len(raw)
-        try:
-            results = await asyncio.gather(*(loop.run_in_executor(self.pool, one, i) for i in range(n)))
-        except BaseException:  # cancelled (client gone, shutdown): give the room back
-            self._release(n, preparing=n)
-            raise
-        self.metrics.preprocess.observe(time.perf_counter() - start)
-        failures = [r for r in results if isinstance(r, ItemError)]
-        if failures:
-            self._release(n, preparing=n)
-            self.metrics.items.labels("invalid").inc(len(failures))
-            raise ItemsRejected(failures)
-        job = Job(n=n, plan=plan, loop=loop, future=loop.create_future(), remaining=n,
-                  prompt_tokens=sum(p.num_tokens for p in results))
-        self._enqueue(job, results)
-        return job
-
-    def _enqueue(self, job: Job, prepared: list[PreparedItem]) -> None:
+                result = err
+            except Exception as err:  # noqa: BLE001 - fails this item, never the pool or other requests
+                result = ItemError(i, f"preprocessing failed: {type(err).__name__}: {err}")
+        error = None
         with self._cond:
+            job.prepared[i] = result
+            job.unprepared -= 1
+            if job.unprepared:
+                return
             self._preparing -= job.n
-            if self.error is not None:
+            job.prepare_s = time.perf_counter() - job.submitted_at
+            failures = [r for r in job.prepared if isinstance(r, ItemError)]
+            if job.cancelled:  # its room was given back when it was cancelled
+                self._cond.notify_all()
+                return
+            if failures or self.error is not None:
                 self._admitted -= job.n
                 self.metrics.queue_depth.set(self._admitted)
-                raise Unavailable(f"the batcher stopped: {self.error}")
-            job.queued_at = time.perf_counter()
-            lane = self._lanes.setdefault(job.plan, collections.deque())
-            for i, p in enumerate(prepared):
-                cost = Encoder.batch_cost(p, job.plan)
-                lane.append(_Entry(job, i, p, cost))
-                self._lane_cost[job.plan] = self._lane_cost.get(job.plan, 0) + cost
+                self.metrics.items.labels("invalid").inc(len(failures))
+                error = ItemsRejected(failures) if failures else Unavailable(f"the batcher stopped: {self.error}")
+            else:
+                job.prompt_tokens = sum(p.num_tokens for p in job.prepared)
+                job.queued_at = time.perf_counter()
+                lane = self._lanes.setdefault(job.plan, collections.deque())
+                for k, p in enumerate(job.prepared):
+                    cost = Encoder.batch_cost(p, job.plan)
+                    lane.append(_Entry(job, k, p, cost))
+                    self._lane_cost[job.plan] = self._lane_cost.get(job.plan, 0) + cost
+            job.prepared = []  # the entries hold the items now
             self._cond.notify_all()
+        self.metrics.preprocess.observe(job.prepare_s)
+        if error is not None:
+            _resolve(job, error)
 
     def cancel(self, job: Job) -> None:
-        """Drop a request's queued items (its client has gone); items already running finish unseen."""
+        """Drop a request whose client has gone: its items leave the queue (or are never prepared);
+        items already in a running batch finish unseen."""
         with self._cond:
             if job.cancelled:
                 return
             job.cancelled = True
-            lane = self._lanes.get(job.plan)
-            if lane is None:
-                return
-            kept = collections.deque(e for e in lane if e.job is not job)
-            dropped = len(lane) - len(kept)
+            if job.unprepared:
+                dropped = job.n
+            else:
+                lane = self._lanes.get(job.plan, collections.deque())
+                kept = collections.deque(e for e in lane if e.job is not job)
+                dropped = len(lane) - len(kept)
+                if dropped:
+                    self._lanes[job.plan] = kept
+                    self._lane_cost[job.plan] = sum(e.cost for e in kept)
             if dropped:
-                self._lanes[job.plan] = kept
-                self._lane_cost[job.plan] = sum(e.cost for e in kept)
                 self._admitted -= dropped
                 self.metrics.queue_depth.set(self._admitted)
                 self.metrics.items.labels("dropped").inc(dropped)
