@@ -169,6 +169,14 @@ def test_dimensions_base64_and_normalize(live, encoder):
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
 
 
+def test_reasoning(live, encoder):
+    want, texts = encoder.encode(["red cotton t-shirt"], reasoning=True, return_reasoning=True)
+    response = live.post({"input": ["red cotton t-shirt"], "reasoning": True})
+    assert_same(vectors(response), want, "reasoning mode")
+    assert response.json()["data"][0]["reasoning"] == texts[0]
+    assert "reasoning" not in live.post({"input": ["red cotton t-shirt"]}).json()["data"][0]
+
+
 def test_openai_client(live, encoder):
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
     texts = ["striped linen shirt", "canvas backpack"]

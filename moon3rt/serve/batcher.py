@@ -104,10 +104,6 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    @property
-    def healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive() and not self._closing
-
     def problem(self) -> str | None:
         """Why the batcher cannot serve right now, or None."""
         if self.error is not None:
