@@ -199,9 +199,10 @@ def cmd_serve(args) -> int:
     fields = set(ServeSettings.__dataclass_fields__)
     settings = ServeSettings(**{k: v for k, v in vars(args).items() if k in fields})
     settings.api_key = settings.api_key or os.environ.get("MOON3RT_API_KEY") or None
-    encoder = moon3rt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                           flavour=args.flavour, reasoning=args.reasoning)
-    run(settings, encoder)
+    devices = args.devices.split(",") if args.devices else [args.device]
+    encoders = [moon3rt.load(args.model, device=d, dtype=args.dtype, backend=args.backend, flavour=args.flavour,
+                             reasoning=args.reasoning) for d in devices]
+    run(settings, encoders)
     return 0
 
 
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="OpenAI-compatible embedding server (POST /v1/embeddings), requests "
                          "batched together; needs pip install 'moon3rt[serve]'")
     _add_model_args(srv)
+    srv.add_argument("--devices", default=None, help="one Encoder per device, sharing one queue: cuda:0,cuda:1 "
+                     "(overrides --device)")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "

@@ -323,6 +323,28 @@ def test_requests_share_batches_and_a_large_one_is_split(encoder):
         server.stop()
 
 
+def test_one_encoder_per_device_share_the_queue(encoder):
+    second = moon3rt.load("moon3-tiny", device="cpu")  # a second "device": same weights, its own worker
+    seen = set()
+
+    class Tracked(Gated):
+        def embed_prepared(self, prepared, plan=None):
+            seen.add(id(self))
+            time.sleep(0.05)  # long enough for the other worker to take the next batch
+            return self._encoder.embed_prepared(prepared, plan)
+
+    server = LiveServer([Tracked(encoder), Tracked(second)], max_batch_items=2, max_wait_ms=0)
+    try:
+        requests = [[f"device item {r}-{k}" for k in range(r % 3 + 1)] for r in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda items: server.post({"input": items}), requests))
+        for r, (items, response) in enumerate(zip(requests, responses)):
+            assert_same(vectors(response), encoder.encode(items), f"request {r}")
+        assert len(seen) == 2, "both workers should have run batches"
+    finally:
+        server.stop()
+
+
 class DeviceLost(Exception):
     pass
 
@@ -381,11 +403,11 @@ def test_sigterm_answers_queued_work_before_exit(encoder):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        requests = [[f"request {r} item {k}" for k in range(6)] for r in range(4)]
+        requests = [[f"request {r} item {k}" for k in range(32)] for r in range(4)]
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(httpx.post, url + "/v1/embeddings", json={"input": items}, timeout=120)
                        for items in requests]
-            # one item per batch: 24 batches, so most are still queued when the signal comes
+            # one item per batch: 128 batches, so most are still queued when the signal comes
             wait_for(lambda: metric(client, "moon3rt_requests_in_flight") == 4, "4 requests in flight", 60)
             assert metric(client, "moon3rt_queue_depth") > 0
             proc.send_signal(signal.SIGTERM)

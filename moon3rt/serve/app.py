@@ -82,16 +82,18 @@ class EmbeddingRequest(BaseModel):
     reasoning: bool | None = Field(None, strict=True)
 
 
-def create_app(encoder: Encoder, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app serving `encoder`; its batcher starts and stops with the app's lifespan."""
+def create_app(encoders: Encoder | Sequence[Encoder], settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI app serving one model, one `Encoder` per device; the batcher starts and stops
+    with the app's lifespan."""
     settings = settings or ServeSettings()
     if settings.max_items_per_request > settings.max_queue_items:
         raise ValueError(f"max_items_per_request ({settings.max_items_per_request}) must not exceed "
                          f"max_queue_items ({settings.max_queue_items}): such requests could never be queued")
     metrics = Metrics()
-    batcher = Batcher(encoder, metrics, max_batch_tokens=settings.max_batch_tokens,
+    batcher = Batcher(encoders, metrics, max_batch_tokens=settings.max_batch_tokens,
                       max_batch_items=settings.max_batch_items, max_wait_ms=settings.max_wait_ms,
                       max_queue_items=settings.max_queue_items, workers=settings.workers)
+    encoder = batcher.encoder
     policy = ImagePolicy.create(settings.allow_paths, settings.max_image_pixels, settings.max_body_bytes)
     served = settings.served_model_name or Path(encoder.name).name or "moon3rt"
     names = {served, encoder.name}
@@ -296,11 +298,11 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-def run(settings: ServeSettings, encoder: Encoder) -> None:
-    """Serve `encoder` with uvicorn until SIGINT/SIGTERM; then finish queued work and exit."""
+def run(settings: ServeSettings, encoders: Encoder | Sequence[Encoder]) -> None:
+    """Serve with uvicorn until SIGINT/SIGTERM; then finish queued work and exit."""
     import uvicorn
 
-    app = create_app(encoder, settings)
+    app = create_app(encoders, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.access_log, timeout_graceful_shutdown=settings.shutdown_timeout,
                             lifespan="on")

@@ -74,9 +74,13 @@ class _Entry:
 
 
 class Batcher:
-    """Queue, admission limits and the batching worker for one `Encoder`."""
+    """Queue, admission limits and one batching worker per `Encoder` (one Encoder per device).
 
-    def __init__(self, encoder: Encoder, metrics: Metrics, *, max_batch_tokens: int = 16384,
+    Workers take batches from the one shared queue; preparation uses the first encoder's
+    `prepare` (it runs on the host, the same for every device).
+    """
+
+    def __init__(self, encoders: Encoder | Sequence[Encoder], metrics: Metrics, *, max_batch_tokens: int = 16384,
                  max_batch_items: int = 64, max_wait_ms: float = 5.0, max_queue_items: int = 1024,
                  workers: int = 4):
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_items", max_batch_items),
@@ -85,7 +89,11 @@ class Batcher:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        self.encoder, self.metrics = encoder, metrics
+        self.encoders = [encoders] if isinstance(encoders, Encoder) or not isinstance(encoders, Sequence) \
+            else list(encoders)
+        if not self.encoders:
+            raise ValueError("the batcher needs at least one Encoder")
+        self.encoder, self.metrics = self.encoders[0], metrics
         self.max_batch_tokens, self.max_batch_items = max_batch_tokens, max_batch_items
         self.max_wait_s, self.max_queue_items = max_wait_ms / 1000, max_queue_items
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moon3rt-prepare")
@@ -95,14 +103,16 @@ class Batcher:
         self._lane_cost: dict[ReasoningPlan | None, int] = {}
         self._admitted = 0  # items admitted and not yet in a batch: preparing or queued
         self._preparing = 0
-        self._running: list[_Entry] = []
+        self._running: dict[int, list[_Entry]] = {}  # per worker, the batch in the model
         self._closing = False
         self.error: str | None = None  # why the worker stopped, once it has
-        self._thread = threading.Thread(target=self._work, name="moon3rt-batcher", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(k,), name=f"moon3rt-batcher-{k}", daemon=True)
+                         for k in range(len(self.encoders))]
 
     # ------------------------------------------------------------------ state
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def problem(self) -> str | None:
         """Why the batcher cannot serve right now, or None."""
@@ -110,7 +120,7 @@ class Batcher:
             return f"the batcher stopped: {self.error}"
         if self._closing:
             return "the server is shutting down"
-        if not self._thread.is_alive():
+        if not all(thread.is_alive() for thread in self._threads):
             return "the batcher is not running"
         return None
 
@@ -221,7 +231,7 @@ class Batcher:
         return (len(self._lanes[key]) >= self.max_batch_items
                 or self._lane_cost[key] >= self.max_batch_tokens)
 
-    def _next_batch(self) -> list[_Entry] | None:
+    def _next_batch(self, worker: int) -> list[_Entry] | None:
         with self._cond:
             while True:
                 key = self._oldest_lane()
@@ -245,34 +255,34 @@ class Batcher:
                 self._lane_cost[key] -= sum(e.cost for e in batch)
                 self._admitted -= len(batch)
                 self.metrics.queue_depth.set(self._admitted)
-                self._running = batch
+                self._running[worker] = batch
                 return batch
 
-    def _work(self) -> None:
+    def _work(self, worker: int) -> None:
         try:
-            while (batch := self._next_batch()) is not None:
-                self._run(batch)
-                self._running = []
+            while (batch := self._next_batch(worker)) is not None:
+                self._run(batch, self.encoders[worker])
+                self._running.pop(worker, None)
         except BaseException as err:
             log.exception("the batcher stopped; /health now answers 503")
             self._stop(f"{type(err).__name__}: {err}")
 
-    def _run(self, batch: list[_Entry]) -> None:
+    def _run(self, batch: list[_Entry], encoder: Encoder) -> None:
         start = time.perf_counter()
         for e in batch:
             if e.job.queue_s is None:
                 e.job.queue_s = start - e.job.queued_at
             self.metrics.queue_wait.observe(start - e.job.queued_at)
-        result = self.encoder.embed_prepared([e.prepared for e in batch], batch[0].job.plan)
+        result = encoder.embed_prepared([e.prepared for e in batch], batch[0].job.plan)
         seconds = time.perf_counter() - start
         self.metrics.model.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(sum(e.prepared.cost for e in batch))
         failed = {f.index: f.reason for f in result.failures}
-        if failed and len(failed) == len(batch) and self.encoder.device.type == "cuda":
+        if failed and len(failed) == len(batch) and encoder.device.type == "cuda":
             # every item failed alone: if the device itself is broken (a sticky CUDA error), this
             # raises and stops the worker, so /health reports it instead of failing items forever
-            torch.cuda.synchronize(self.encoder.device)
+            torch.cuda.synchronize(encoder.device)
         self.metrics.embedded(len(batch) - len(failed))
         for job in {e.job: None for e in batch}:
             job.model_s += seconds
@@ -295,7 +305,8 @@ class Batcher:
         """The worker is gone: fail every request still waiting on it."""
         with self._cond:
             self.error = error
-            waiting = list(self._running) + [e for lane in self._lanes.values() for e in lane]
+            waiting = [e for batch in self._running.values() for e in batch]
+            waiting += [e for lane in self._lanes.values() for e in lane]
             for lane in self._lanes.values():
                 lane.clear()
             self._admitted = self._preparing
@@ -309,8 +320,11 @@ class Batcher:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout) if self._thread.is_alive() else None
-        if self._thread.is_alive():
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
             self._stop(f"shut down with work left after {timeout:g} s (--shutdown-timeout)")
         self.pool.shutdown(wait=False, cancel_futures=True)
 
