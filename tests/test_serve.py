@@ -392,8 +392,8 @@ def test_sigterm_answers_queued_work_before_exit(encoder):
                              "--shutdown-timeout", "60", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=120)
     try:
-        client = httpx.Client(base_url=url, timeout=120)
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()
@@ -417,6 +417,8 @@ def test_sigterm_answers_queued_work_before_exit(encoder):
         log = proc.stdout.read().decode()
         assert "Traceback" not in log, log
     finally:
+        client.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
