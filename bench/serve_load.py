@@ -142,14 +142,21 @@ def server_timing(header: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------ phases
 async def run_phase(url: str, wire: list, reference: np.ndarray, clients: int, per_client: int,
-                    cap_s: float, offset: int = 0) -> dict:
-    """`clients` concurrent clients, each sending `per_client` single-item requests in turn."""
+                    cap_s: float, offset: int = 0, keepalive: bool = True) -> dict:
+    """`clients` concurrent clients, each sending `per_client` single-item requests in turn.
+
+    keepalive=False: a new connection per request. HTTP/1.1 keep-alive has a race no server can
+    close: a client that reuses a connection just as the server's idle timer (uvicorn: 5 s from
+    the response sent) closes it gets a reset. Under overload a starved client can take seconds
+    to reuse a connection, so the overload run opens fresh ones and counts only the server's answers.
+    """
     import httpx
 
     records = []
     # idle connections expire on the client before uvicorn's 5 s keep-alive closes them on the server,
     # so no request is ever sent on a connection the server is closing
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients if keepalive else 0,
+                          keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         start = time.perf_counter()
 
@@ -316,7 +323,7 @@ def main(argv=None) -> int:
                       f"statuses {phase['statuses']}, mixed {phase['mixed_results']}; CPU: server "
                       f"{phase['server_cpu_ms_per_item']:.1f} ms/item, client {phase['client_cpu_s']:.1f} s", flush=True)
             overload = asyncio.run(run_phase(url, wire, reference, args.overload_clients,
-                                             args.overload_requests_per_client, args.phase_cap_s))
+                                             args.overload_requests_per_client, args.phase_cap_s, keepalive=False))
             print(f"overload {args.overload_clients} clients x {args.overload_requests_per_client}: statuses "
                   f"{overload['statuses']}, unanswered {overload['unanswered']}, mixed {overload['mixed_results']}, "
                   f"Retry-After {overload['retry_after_values']}", flush=True)
