@@ -165,7 +165,7 @@ class Batcher:
             try:
                 result = self.encoder.prepare(resolve(raw[i], i), i, reasoning=job.plan is not None)
             except ItemError as err:
-                result = err
+                result = err.detached()  # a kept traceback would hold the item's bytes
             except Exception as err:  # noqa: BLE001 - fails this item, never the pool or other requests
                 result = ItemError(i, f"preprocessing failed: {type(err).__name__}: {err}")
         error = None
