@@ -77,6 +77,7 @@ class Row:
     spill_loads: int
     shared_bytes: int
     ptxas_smem_bytes: int
+    global_accesses: str  # PTX ld.global/st.global instructions: "total (vector)" each, e.g. "ld 24 (24v) st 8 (8v)"
     compile_s: float
     constexprs: dict
 
@@ -152,6 +153,16 @@ def ptxas_figures(ptx: str, name: str) -> dict:
             "spill_loads": grab(r"(\d+) bytes spill loads"), "ptxas_smem_bytes": grab(r"(\d+) bytes smem")}
 
 
+def global_accesses(ptx: str) -> str:
+    """How many global loads and stores the PTX issues, and how many of them are vector (.v2/.v4) accesses."""
+    parts = []
+    for op in ("ld", "st"):
+        found = re.findall(rf"\b{op}\.global(\.[a-z0-9.]+)", ptx)
+        vector = sum(1 for f in found if ".v2" in f or ".v4" in f or ".v8" in f)
+        parts.append(f"{op} {len(found)} ({vector}v)")
+    return " ".join(parts)
+
+
 def compile_launch(case: str, launch: Launch, dtype: str) -> Row:
     from triton.backends.nvidia.compiler import CUDABackend
 
@@ -168,9 +179,10 @@ def compile_launch(case: str, launch: Launch, dtype: str) -> Row:
     figures = ptxas_figures(kernel.asm["ptx"], meta.name)
     names = [p.name for p in launch.fn.params]
     shown = {names[k[0]]: v for k, v in constexprs.items() if names[k[0]].isupper()}
+    shown = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in shown.items()}
     return Row(case, launch.fn.__name__, dtype, meta.num_warps, meta.num_stages, figures["registers"],
                figures["spill_stores"], figures["spill_loads"], meta.shared, figures["ptxas_smem_bytes"],
-               round(seconds, 2), {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in shown.items()})
+               global_accesses(kernel.asm["ptx"]), round(seconds, 2), shown)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -245,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, failures = [], []
     print(f"# sm_{ARCH}a, triton {triton.__version__}, {ptxas_path()}, moon3-2b shapes, commit {git_commit()}")
     print(f"{'case':<26} {'kernel':<30} {'dtype':<5} {'warps':>5} {'stg':>3} {'regs':>4} {'spill st/ld B':>13} "
-          f"{'smem B':>7} {'compile s':>9}  constexprs")
+          f"{'smem B':>7} {'global accesses':>22} {'compile s':>9}  constexprs")
     for name in (n.strip() for n in args.dtype.split(",")):
         dtype = dtypes[name]
         for case, call in cases(cfg, dtype).items():
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"{row.case:<26} {row.kernel:<30} {row.dtype:<5} {row.num_warps:>5} {row.num_stages:>3} "
                       f"{row.registers:>4} {f'{row.spill_stores}/{row.spill_loads}':>13} {row.shared_bytes:>7} "
-                      f"{row.compile_s:>9.1f}  {row.constexprs}", flush=True)
+                      f"{row.global_accesses:>22} {row.compile_s:>9.1f}  {row.constexprs}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
