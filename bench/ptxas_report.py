@@ -77,6 +77,7 @@ class Row:
     spill_loads: int
     shared_bytes: int
     ptxas_smem_bytes: int
+    tensor_cores: str  # "wgmma" (sm_90 warpgroup MMA), "mma" (warp-level mma.sync) or "-"
     global_accesses: str  # PTX ld.global/st.global instructions: "total (vector)" each, e.g. "ld 24 (24v) st 8 (8v)"
     compile_s: float
     constexprs: dict
@@ -100,14 +101,16 @@ def captured_launches():
 
 @contextlib.contextmanager
 def gpu_launch_configs():
-    """The attention launchers pick block sizes by device type: make them pick CUDA's."""
-    originals = varlen_mod._launch_config, decode_mod._launch_config
-    varlen_mod._launch_config = lambda device, *a, **k: originals[0](CUDA, *a, **k)
-    decode_mod._launch_config = lambda device, *a, **k: originals[1](CUDA, *a, **k)
+    """Launchers that pick block sizes by device type (`_launch_config(device, ...)`) pick CUDA's."""
+    modules = [m for m in (varlen_mod, decode_mod, _fused_gemm()) if m is not None]
+    originals = [m._launch_config for m in modules]
+    for module, original in zip(modules, originals):
+        module._launch_config = lambda device, *a, _original=original, **k: _original(CUDA, *a, **k)
     try:
         yield
     finally:
-        varlen_mod._launch_config, decode_mod._launch_config = originals
+        for module, original in zip(modules, originals):
+            module._launch_config = original
 
 
 def specialise(launch: Launch, backend):
@@ -153,6 +156,10 @@ def ptxas_figures(ptx: str, name: str) -> dict:
             "spill_loads": grab(r"(\d+) bytes spill loads"), "ptxas_smem_bytes": grab(r"(\d+) bytes smem")}
 
 
+def tensor_cores(ptx: str) -> str:
+    return "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "-"
+
+
 def global_accesses(ptx: str) -> str:
     """How many global loads and stores the PTX issues, and how many of them are vector (.v2/.v4) accesses."""
     parts = []
@@ -182,7 +189,7 @@ def compile_launch(case: str, launch: Launch, dtype: str) -> Row:
     shown = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in shown.items()}
     return Row(case, launch.fn.__name__, dtype, meta.num_warps, meta.num_stages, figures["registers"],
                figures["spill_stores"], figures["spill_loads"], meta.shared, figures["ptxas_smem_bytes"],
-               global_accesses(kernel.asm["ptx"]), round(seconds, 2), shown)
+               tensor_cores(kernel.asm["ptx"]), global_accesses(kernel.asm["ptx"]), round(seconds, 2), shown)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, failures = [], []
     print(f"# sm_{ARCH}a, triton {triton.__version__}, {ptxas_path()}, moon3-2b shapes, commit {git_commit()}")
     print(f"{'case':<26} {'kernel':<30} {'dtype':<5} {'warps':>5} {'stg':>3} {'regs':>4} {'spill st/ld B':>13} "
-          f"{'smem B':>7} {'global accesses':>22} {'compile s':>9}  constexprs")
+          f"{'smem B':>7} {'mma':>5} {'global accesses':>22} {'compile s':>9}  constexprs")
     for name in (n.strip() for n in args.dtype.split(",")):
         dtype = dtypes[name]
         for case, call in cases(cfg, dtype).items():
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"{row.case:<26} {row.kernel:<30} {row.dtype:<5} {row.num_warps:>5} {row.num_stages:>3} "
                       f"{row.registers:>4} {f'{row.spill_stores}/{row.spill_loads}':>13} {row.shared_bytes:>7} "
-                      f"{row.global_accesses:>22} {row.compile_s:>9.1f}  {row.constexprs}", flush=True)
+                      f"{row.tensor_cores:>5} {row.global_accesses:>22} {row.compile_s:>9.1f}  {row.constexprs}",
+                      flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({

@@ -85,3 +85,18 @@ def test_moon3_2b_bf16_matches_torch_backend():
     b = fast.encode(objs)
     cos = (a * b).sum(1)
     assert (cos > 0.999).all(), cos
+
+
+def test_fused_gemm_epilogues_match_torch_backend(pair):
+    # fc1 + QuickGELU and gate/up + SwiGLU as Triton GEMMs with the activation in the epilogue
+    ref, _ = pair
+    fused = moon3rt.load("moon3-tiny", device=ref.device, dtype="fp32", backend="triton")
+    fused.backend.gemm_epilogue = "fused"
+    batch = pack([ref.prepare(x, i) for i, x in enumerate(items(4))])
+    with torch.no_grad():
+        h_ref, v_ref = ref.model.hidden_states(batch.to(ref.device))
+    h, v = fused.backend.hidden_states(batch)
+    assert (h - h_ref).abs().max() < 1e-4
+    assert (v - v_ref).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="gemm_epilogue"):
+        type(fused.backend)(fused.model, fused.device, gemm_epilogue="cutlass")

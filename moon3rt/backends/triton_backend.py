@@ -31,6 +31,7 @@ from torch import nn
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.fire import fire_inject_, fire_prologue
+from ..kernels.fused_gemm import linear_quick_gelu, linear_swiglu
 from ..kernels.fusion_attention import fusion_attention
 from ..kernels.layer_norm import layer_norm
 from ..kernels.quick_gelu import bias_quick_gelu
@@ -57,16 +58,28 @@ def _max_len(cu: torch.Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
+GEMM_EPILOGUES = ("cublas", "fused")
+
+
 class TritonBackend:
+    """`gemm_epilogue`: "cublas" runs fc1 and gate/up on cuBLAS and the activation as its own
+    kernel; "fused" runs them as Triton GEMMs with the activation in the epilogue
+    (`kernels.fused_gemm`). Default: ``MOON3RT_GEMM_EPILOGUE``, else "cublas" (the fused GEMMs
+    have not been timed against cuBLAS on a GPU yet: bench/bench_kernels.py measures both)."""
+
     name = "triton"
 
-    def __init__(self, model: Moon3Model, device: torch.device):
+    def __init__(self, model: Moon3Model, device: torch.device, gemm_epilogue: str | None = None):
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 "backend='triton' needs a CUDA device; on a CPU it runs only under TRITON_INTERPRET=1 "
                 "(Triton's interpreter, for tests)"
             )
         self.model, self.device, self.cfg = model, device, model.cfg
+        self.gemm_epilogue = gemm_epilogue or os.environ.get("MOON3RT_GEMM_EPILOGUE", "cublas")
+        if self.gemm_epilogue not in GEMM_EPILOGUES:
+            raise ValueError(f"gemm_epilogue={self.gemm_epilogue!r} (MOON3RT_GEMM_EPILOGUE): expected one of "
+                             f"{list(GEMM_EPILOGUES)}")
         # decode attention splits caches into chunks of this many keys on a GPU (split-K:
         # a few long caches still fill the SMs); fixed, so results never depend on the batch
         self.kv_chunk = 256 if device.type == "cuda" else None
@@ -107,8 +120,7 @@ class TritonBackend:
             attn = varlen_attention(q, k, v, cu, max_len, causal=False)
             out = F.linear(attn.reshape(n, -1), block.attn.proj.weight, block.attn.proj.bias)
             y, x = layer_norm(out, block.norm2.weight, block.norm2.bias, block.norm2.eps, residual=x)
-            # the bias stays in the GEMM (rounded once, as nn.Linear does); QuickGELU is the kernel
-            hidden = bias_quick_gelu(F.linear(y, block.mlp.fc1.weight, block.mlp.fc1.bias))
+            hidden = self._fc1_quick_gelu(y, block.mlp.fc1)
             out = F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias)
         merger = tower.merger
         if out is None:
@@ -187,8 +199,19 @@ class TritonBackend:
         out = F.linear(attend(i, q, k, vv).reshape(n, -1), layer.self_attn.o_proj.weight)
         norm = layer.post_attention_layernorm
         y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
-        out = F.linear(swiglu_packed(F.linear(y, self.gate_up[i])), layer.mlp.down_proj.weight)
+        out = F.linear(self._gate_up_swiglu(y, self.gate_up[i]), layer.mlp.down_proj.weight)
         return h, out
+
+    def _fc1_quick_gelu(self, y, fc1):
+        if self.gemm_epilogue == "fused":
+            return linear_quick_gelu(y, fc1.weight, fc1.bias)
+        # the bias stays in the GEMM (rounded once, as nn.Linear does); QuickGELU is the kernel
+        return bias_quick_gelu(F.linear(y, fc1.weight, fc1.bias))
+
+    def _gate_up_swiglu(self, y, gate_up):
+        if self.gemm_epilogue == "fused":
+            return linear_swiglu(y, gate_up)
+        return swiglu_packed(F.linear(y, gate_up))
 
     def _final_norm(self, h, out):
         norm = self.model.language_model.norm
