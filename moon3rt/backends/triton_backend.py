@@ -67,11 +67,12 @@ GEMM_EPILOGUES = ("cublas", "fused")
 
 
 class TritonBackend:
-    """`cuda_graphs`: replay `embed`'s forward as a CUDA graph per shape bucket (default: on CUDA,
-    unless ``MOON3RT_CUDA_GRAPHS=0``). `gemm_epilogue`: "cublas" runs fc1 and gate/up on cuBLAS and the activation as its own
-    kernel; "fused" runs them as Triton GEMMs with the activation in the epilogue
-    (`kernels.fused_gemm`). Default: ``MOON3RT_GEMM_EPILOGUE``, else "cublas" (the fused GEMMs
-    have not been timed against cuBLAS on a GPU yet: bench/bench_kernels.py measures both)."""
+    """`cuda_graphs`: replay `embed`'s forward as a CUDA graph per shape bucket (default: on
+    CUDA, unless ``MOON3RT_CUDA_GRAPHS=0``). `gemm_epilogue`: "cublas" runs fc1 and gate/up on
+    cuBLAS and the activation as its own kernel; "fused" runs them as Triton GEMMs with the
+    activation in the epilogue (`kernels.fused_gemm`). Default: ``MOON3RT_GEMM_EPILOGUE``,
+    else "cublas" (the fused GEMMs have not been timed against cuBLAS on a GPU yet:
+    bench/bench_kernels.py measures both)."""
 
     name = "triton"
 
