@@ -49,6 +49,7 @@ from moon3rt.kernels.varlen_attention import varlen_attention, varlen_attention_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import summary  # noqa: E402
 from reporting import git_commit  # noqa: E402  (bench/ is a folder of scripts, not a package)
 from timing import copy_bandwidth, matmul_ceiling  # noqa: E402
 
@@ -299,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  (SDPA flash, padded: {row['sdpa_padded_ms']:.3f} ms)" if "sdpa_padded_ms" in row else ""))
         rows.append(row)
         path.write_text(json.dumps(record, indent=2, default=_json_default))  # partial results survive a timeout
+    record["goals"] = summary.kernel_goals(record)
+    record["goals_verdict"] = summary.verdict(record["goals"], bool(record["goals"]) and record["goals"][0]["applies"])
+    for g in record["goals"]:
+        shown = "-" if g["measured"] is None else f"{g['measured']:.2f}"
+        print(f"# goal {g['goal']:<48} {g['target']:>7}  measured {shown:>8}  {g['status']}")
+    print(f"# {record['goals_verdict']['text']}")
     path.write_text(json.dumps(record, indent=2, default=_json_default))
     print(f"# wrote {path}")
     return 1 if any("error" in r for r in rows) else 0

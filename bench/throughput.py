@@ -210,7 +210,10 @@ class Run:
                 "backends": backend_names(a), "batch_sizes": a.batch_sizes, "image_size": self.image_size,
                 "text_tokens": a.text_tokens, "threads": torch.get_num_threads(), "duration_s": a.duration,
                 "warmup_s": a.warmup, "items": a.items,
-                "cosine_threshold": self.threshold, "model_config": self.cfg.to_dict()}
+                "cosine_threshold": self.threshold,
+                "host_pixels": ("page-locked, in the model's dtype for torch/triton/peers (fp32 for exported graphs)"
+                                if self.device.type == "cuda" else "fp32, pageable (CPU run: no copy)"),
+                "model_config": self.cfg.to_dict()}
 
     def workload_section(self) -> dict:
         def mean(values) -> float:
@@ -476,6 +479,8 @@ class Run:
         for path in self.args.include_results:
             self.include(Path(path))
         self.report["goals"] = summary.goals(self.report)
+        self.report["goals_verdict"] = summary.verdict(self.report["goals"], bool(self.report["goals"])
+                                                       and self.report["goals"][0]["applies"])
         if not self.args.no_plot and self.report["results"]:
             png = self.out_dir / f"{self.stem}.png"
             c = self.report["config"]
