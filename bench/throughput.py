@@ -91,6 +91,8 @@ def parse_args(argv):
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--skip-peers", action="store_true", help="time moon3rt backends only")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--no-single-item", action="store_true",
+                   help="time only --batch-sizes (no extra batch-1 latency run; e.g. one torch.compile measurement)")
     p.add_argument("--reasoning", action="store_true",
                    help="also time reasoning mode (generate attributes, then <emb>) per moon3rt backend that can")
     p.add_argument("--reasoning-only", action="store_true",
@@ -299,7 +301,7 @@ class Run:
     def time_runner(self, runner) -> None:
         flops_total = self.report["ceiling"]["tflops"] * 1e12
         sizes = list(self.args.batch_sizes)
-        if 1 not in sizes:
+        if 1 not in sizes and not self.args.no_single_item:
             sizes = [1] + sizes  # single-item latency
         for size in sizes:
             groups = batches_of(self.items, size)
