@@ -112,11 +112,6 @@ class TritonBackend:
         self.vision_inv_freq = rope_inv_freq(v.rope_theta, v.head_dim // 2, device)
 
     # ------------------------------------------------------------------------ vision
-    def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z, V) of the vision tower; `grid_thw` is read on the host (no device sync)."""
-        positions, cu, max_len = self._vision_layout(grid_thw.cpu())
-        return self._vision_tower(pixel_values.to(self.device), positions, cu, max_len)
-
     def _vision_layout(self, grid_host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(N, 2) patch positions and (I+1,) image offsets on the device, and the longest image."""
         positions = vision_positions(grid_host, self.cfg.vision.spatial_merge_size).to(self.device)
@@ -125,6 +120,7 @@ class TritonBackend:
         return positions, cu.to(self.device), _max_len(cu)
 
     def _vision_tower(self, pixel_values, positions, cu, max_len) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z, V) of the vision tower from patches, their positions and the images' offsets (device)."""
         tower, cfg = self.model.visual, self.cfg.vision
         x = tower.patch_embed(pixel_values)
         n, heads = x.shape[0], cfg.num_heads
