@@ -1,4 +1,4 @@
-"""Command line: ``python -m moon3rt {demo,encode,info}``."""
+"""Command line: `python -m moon3rt {demo,encode,info}`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+DESCRIPTION = "moon3rt: embed products (images + title) and queries with MOON3-style models."
 CATALOGUE = Path(__file__).resolve().parent / "assets" / "catalogue"
 
 
@@ -23,100 +24,61 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def read_jsonl(path: Path) -> tuple[list, list]:
-    """Items and ids from a JSON-lines file; image paths are relative to the file.
+    """Items and ids of a small JSON-lines file (the demo catalogue), read as `encode` reads it."""
+    from moon3rt.jobs import Columns, read_rows
 
-    A line is an object with ``text`` and/or ``image``/``images`` (and an optional ``id``),
-    or a JSON string (a text item). A line that is not valid JSON becomes a ValueError in
-    the list, which `encode` reports with its index like any bad item.
-    """
-    items, ids = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            items.append(ValueError(f"line {n + 1} is not valid JSON: {err.msg}"))
-            ids.append(f"line {n + 1}")
-            continue
-        if isinstance(obj, dict):
-            obj = dict(obj)
-            ids.append(obj.pop("id", len(ids)))
-            for key in ("image", "images"):
-                if key in obj:
-                    obj[key] = _resolve(obj[key], path.parent)
-        else:
-            ids.append(len(ids))
-        items.append(obj)
-    return items, ids
+    rows = list(read_rows(path, Columns()))
+    return ([r.item for r in rows], [r.id if r.id is not None else str(r.row) for r in rows])
 
 
-def _resolve(value, base: Path):
-    if isinstance(value, str):
-        return base / value
-    if isinstance(value, list):
-        return [base / v if isinstance(v, str) else v for v in value]
-    return value
+def _positive(name: str, value: int) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
 
 
 def cmd_encode(args) -> int:
     import moon3rt
+    from moon3rt.jobs import Columns, input_files, output_for, run
+    from moon3rt.jobs.idset import existing_ids, output_files
+    from moon3rt.jobs.job import check_inputs
+    from moon3rt.jobs.progress import Progress
 
-    inp, out = Path(args.input), Path(args.output)
-    if not inp.exists():
-        print(f"error: input file {inp} does not exist", file=sys.stderr)
-        return 2
-    if out.suffix not in (".npy", ".parquet"):
-        print(f"error: --output must end in .npy or .parquet, got {out.name}", file=sys.stderr)
-        return 2
-    items, ids = read_jsonl(inp)
-    encoder = moon3rt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                           flavour=args.flavour)
-    start = time.perf_counter()
-    result = encoder.encode_with_report(
-        items, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, dim=args.dim,
-        show_progress=not args.no_progress, on_error="raise" if args.strict else "skip",
-        reasoning=args.reasoning, max_reasoning_tokens=args.max_reasoning_tokens,
-    )
-    seconds = time.perf_counter() - start
-    for failure in result.failures:
-        print(f"failed: {failure}", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, result.embeddings)
-        if result.reasoning is not None:  # the texts go beside the vectors, one JSON line per row
-            with open(out.with_suffix(".reasoning.jsonl"), "w", encoding="utf-8") as f:
-                for id_, text in zip(ids, result.reasoning):
-                    f.write(json.dumps({"id": id_, "reasoning": text}, ensure_ascii=False) + "\n")
-    else:
-        _write_parquet(out, ids, result)
-    n = len(items)
-    print(f"encoded {n - len(result.failures)}/{n} items ({len(result.failures)} failures) in {seconds:.2f} s, "
-          f"{n / max(seconds, 1e-9):.1f} items/s, dim {result.embeddings.shape[1]} -> {out}")
-    return 1 if result.failures and n == len(result.failures) else 0
+    for name in ("batch_size", "max_batch_tokens", "dim", "shard_rows", "chunk_rows"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.only_new != (args.existing is not None):
+        raise ValueError("--only-new and --existing DIR go together: embed only ids absent from DIR")
+    if args.ray:
+        from moon3rt.ray import cmd_encode_ray
 
-
-def _write_parquet(path: Path, ids: list, result) -> None:
+        return cmd_encode_ray(args)
+    columns = Columns(args.id_column, args.text_column, args.image_column)
+    files = input_files(args.input)  # existence and format only: nothing is read yet
+    out = output_for(Path(args.output), args.output_dtype, args.shard_rows, args.resume)
+    job = {"inputs": [str(f) for f in files], "model": str(args.model), "dim": args.dim, "flavour": args.flavour,
+           "reasoning": args.reasoning, "max_reasoning_tokens": args.max_reasoning_tokens,
+           "output_dtype": args.output_dtype, "shard_rows": args.shard_rows, "chunk_rows": args.chunk_rows,
+           "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens, "columns": list(columns.__dict__.values())}
+    done = out.open(job)  # the output is checked (and a resumed job's manifest read) before any work
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SystemExit("error: .parquet output needs pyarrow: pip install 'moon3rt[parquet]'") from None
-    errors = {f.index: f.reason for f in result.failures}
-    rows = [None if i in errors else row.tolist() for i, row in enumerate(result.embeddings)]
-    columns = {
-        "id": [str(i) for i in ids],
-        "embedding": pa.array(rows, type=pa.list_(pa.float32())),
-        "error": [errors.get(i) for i in range(len(ids))],
-    }
-    if result.reasoning is not None:
-        columns["reasoning"] = pa.array(result.reasoning, type=pa.string())
-    pq.write_table(pa.table(columns), path)
+        encoder = moon3rt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                               flavour=args.flavour)
+        existing = existing_ids(output_files(Path(args.existing))) if args.only_new else None
+        total = check_inputs(files, columns, done, count_lines=not args.no_progress)
+    except BaseException:
+        out.abort()
+        raise
+    progress = Progress(total, enabled=not args.no_progress, interval=args.progress_interval)
+    summary = run(encoder, files, out, done, columns=columns, chunk_rows=args.chunk_rows, existing=existing,
+                  strict=args.strict, progress=progress,
+                  encode_kwargs={"batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
+                                 "dim": args.dim, "reasoning": args.reasoning,
+                                 "max_reasoning_tokens": args.max_reasoning_tokens})
+    print(summary.line(args.dim or encoder.dim))
+    return 1 if summary.items and summary.failures == summary.items else 0
 
 
 def cmd_info(args) -> int:
     import moon3rt
-
     from moon3rt.config import PRESETS
 
     # A preset's random weights are not needed to describe it: its shapes suffice (moon3-2b
@@ -124,8 +86,7 @@ def cmd_info(args) -> int:
     device = args.device or ("meta" if args.model in PRESETS and not Path(args.model).is_dir() else "cpu")
     encoder = moon3rt.load(args.model, device=device, dtype=args.dtype or "fp32", flavour=args.flavour)
     cfg, model = encoder.config, encoder.model
-    count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
-    print(json.dumps(cfg.to_dict(), indent=2))
+    count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
     print(f"model:       {args.model}")
     print(f"flavour:     {cfg.flavour} (positions: {'M-RoPE' if cfg.uses_mrope else 'sequential 1-D'}, "
           f"pooling: {cfg.pooling})")
@@ -151,6 +112,8 @@ def cmd_info(args) -> int:
               f"ends at {cfg.reasoning.end_marker!r}")
     except ValueError as err:
         print(f"reasoning:   unavailable ({err})")
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=2))
     return 0
 
 
@@ -186,35 +149,70 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_encode_args(enc: argparse.ArgumentParser) -> None:
+    enc.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                     help="JSON lines (.jsonl, .jsonl.gz: {id, text, image|images} per line; blank lines are "
+                     "skipped) or Parquet files, or directories of them, read in name order")
+    enc.add_argument("--output", required=True,
+                     help="a directory: Parquet shards part-00000.parquet ... with _manifest.json (resumable); "
+                     "vectors.parquet: one file (id, embedding, error); vectors.npy: row k = the k-th row "
+                     "(non-blank line) of the input, NaN for a failed row (small jobs: held in memory)")
+    enc.add_argument("--id-column", default="id", help="field holding the id (default: id; absent: the row number)")
+    enc.add_argument("--text-column", default="text", help="field holding the title/query (default: text)")
+    enc.add_argument("--image-column", default="image",
+                     help="field holding image paths (relative to the input file), file:// URIs, encoded bytes "
+                     "or lists of them (default: image)")
+    enc.add_argument("--output-dtype", default="float32", choices=["float32", "float16"])
+    enc.add_argument("--shard-rows", type=int, default=100_000, help="rows per output shard (default: 100000)")
+    enc.add_argument("--chunk-rows", type=int, default=1024,
+                     help="rows read and embedded at a time; bounds memory (default: 1024)")
+    enc.add_argument("--resume", action="store_true",
+                     help="continue a job in the --output directory: finished shards are kept, the rest redone")
+    enc.add_argument("--only-new", action="store_true", help="embed only ids absent from --existing")
+    enc.add_argument("--existing", default=None, metavar="DIR", help="an earlier output (directory or .parquet)")
+    enc.add_argument("--batch-size", type=int, default=64)
+    enc.add_argument("--max-batch-tokens", type=int, default=16384)
+    enc.add_argument("--dim", type=int, default=None, help="Matryoshka truncation (default: full)")
+    enc.add_argument("--strict", action="store_true",
+                     help="stop at the first chunk holding a bad row, naming its bad rows, instead of recording "
+                     "them in the error column and going on")
+    enc.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=None,
+                     help="generate the product's attributes before embedding (default: the checkpoint's "
+                     "moon3.reasoning.enabled); the texts go to a 'reasoning' column, or a .reasoning.jsonl "
+                     "sidecar beside a .npy")
+    enc.add_argument("--max-reasoning-tokens", type=int, default=None,
+                     help="reasoning budget per item (default: the checkpoint's moon3.reasoning.max_tokens)")
+    enc.add_argument("--no-progress", action="store_true")
+    enc.add_argument("--progress-interval", type=float, default=30.0,
+                     help="seconds between progress lines when stderr is not a terminal (default: 30)")
+    ray = enc.add_argument_group("Ray Data (pip install 'moon3rt[ray]')")
+    ray.add_argument("--ray", action="store_true", help="run the job on a Ray cluster: one Encoder per GPU actor")
+    ray.add_argument("--address", default=None, help="Ray cluster address (default: start a local one, or RAY_ADDRESS)")
+    ray.add_argument("--actors", type=int, default=None,
+                     help="embedding actors (default: one per GPU in the cluster, or 1 without GPUs)")
+    ray.add_argument("--cpus-per-actor", type=float, default=None,
+                     help="CPUs reserved per actor for its image decoding threads (default: 4 with GPUs, else 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m moon3rt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moon3rt", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="embed the shipped sample catalogue and print a similarity table")
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
 
-    enc = sub.add_parser("encode", help="embed items from a JSON-lines file")
+    enc = sub.add_parser("encode", help="embed a catalogue: JSON lines or Parquet in, vectors out (streamed, resumable)",
+                         description="Embed every row of the input. Rows stream through in chunks, so memory does "
+                         "not grow with the input; a bad row is reported by file, line/row and id and never "
+                         "costs the other rows their vectors.")
     _add_model_args(enc)
-    enc.add_argument("--input", required=True, help="items.jsonl: {id, text, image|images} per line")
-    enc.add_argument("--output", required=True, help="vectors.npy (rows in input order; NaN rows for "
-                     "failed items) or vectors.parquet (id, embedding, error)")
-    enc.add_argument("--batch-size", type=int, default=64)
-    enc.add_argument("--max-batch-tokens", type=int, default=16384)
-    enc.add_argument("--dim", type=int, default=None, help="Matryoshka truncation (default: full)")
-    enc.add_argument("--strict", action="store_true",
-                     help="embed nothing if any item is bad (every bad item is named) instead of skipping bad items")
-    enc.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=None,
-                     help="generate the product's attributes before embedding (default: the checkpoint's "
-                     "moon3.reasoning.enabled); the texts go to a .reasoning.jsonl sidecar beside a .npy "
-                     "or a 'reasoning' column of a .parquet")
-    enc.add_argument("--max-reasoning-tokens", type=int, default=None,
-                     help="reasoning budget per item (default: the checkpoint's moon3.reasoning.max_tokens)")
-    enc.add_argument("--no-progress", action="store_true")
+    _add_encode_args(enc)
     enc.set_defaults(func=cmd_encode)
 
-    info = sub.add_parser("info", help="print the config, parameter count and modules present")
+    info = sub.add_parser("info", help="print a summary of the model: parameters, modules present, limits")
     _add_model_args(info)
+    info.add_argument("--json", action="store_true", help="also print the full config as JSON")
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -223,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: no partial output was left (finished shards of a directory output are kept; "
+              "continue with --resume)", file=sys.stderr)
+        return 130
     except Exception as err:  # a CLI user gets one clear line, not a traceback
         from moon3rt.api import EncodeError
 

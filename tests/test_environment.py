@@ -7,7 +7,7 @@ import pytest
 
 # Optional packages some tests need; a machine without them (e.g. a GPU box with a fixed
 # environment) skips those tests, but CI must not.
-OPTIONAL_FOR_TESTS = ("pyarrow", "onnx", "onnxruntime", "onnxscript")
+OPTIONAL_FOR_TESTS = ("pyarrow", "onnx", "onnxruntime", "onnxscript", "ray")
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="checks CI's environment (CI=true)")
