@@ -72,29 +72,32 @@ def format_reward(texts: Sequence[str], stops: Sequence[str], fields: Sequence[s
     return torch.tensor(out, dtype=torch.float32)
 
 
-def retrieval_reward(anchors: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """rank x margin of every anchor rollout against the other side: (B, G, d), (B, K, d) -> (B, G).
+def retrieval_reward(anchors: torch.Tensor, others: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """rank x margin of every anchor rollout against the other side: (B_a, G, d), (B, K, d) -> (B_a, G).
 
-    No gradient flows through a reward.
+    Anchor item b is the other side's item `first + b` (a rank's share of a batch gathered
+    across ranks; by default the two sides are the same items). No gradient flows through a reward.
     """
-    if anchors.dim() != 3 or others.dim() != 3 or anchors.shape[0] != others.shape[0] \
-            or anchors.shape[2] != others.shape[2]:
-        raise ValueError(f"rollout embeddings must be (items, rollouts, dim) on both sides with the same "
-                         f"items and dim, got {tuple(anchors.shape)} and {tuple(others.shape)}")
-    B, G, _ = anchors.shape
-    K = others.shape[1]
+    if anchors.dim() != 3 or others.dim() != 3 or anchors.shape[2] != others.shape[2] \
+            or not 0 <= first <= others.shape[0] - anchors.shape[0]:
+        raise ValueError(f"rollout embeddings must be (items, rollouts, dim) on both sides, the anchors' items "
+                         f"among the others' from item {first} on, with the same dim; got {tuple(anchors.shape)} "
+                         f"and {tuple(others.shape)}")
+    Ba, G, _ = anchors.shape
+    B, K = others.shape[:2]
     if B < 2:
         raise ValueError("the retrieval reward needs at least 2 items in the batch (the others are its negatives)")
     with torch.no_grad():
-        a = F.normalize(anchors.float(), dim=-1).reshape(B * G, -1)
+        a = F.normalize(anchors.float(), dim=-1).reshape(Ba * G, -1)
         c = F.normalize(others.float(), dim=-1).reshape(B * K, -1)
-        sim = a @ c.t()  # (B*G, B*K)
-        owner = torch.arange(B, device=sim.device)
-        own = owner.repeat_interleave(G)[:, None] == owner.repeat_interleave(K)[None, :]  # (B*G, B*K)
+        sim = a @ c.t()  # (Ba*G, B*K)
+        mine = (first + torch.arange(Ba, device=sim.device)).repeat_interleave(G)
+        owner = torch.arange(B, device=sim.device).repeat_interleave(K)
+        own = mine[:, None] == owner[None, :]  # (Ba*G, B*K)
         top = sim.topk(K, dim=1).indices
         rank = own.gather(1, top).float().mean(dim=1)
         margin = (sim * own).sum(1) / K - (sim * ~own).sum(1) / ((B - 1) * K)
-        return (rank * margin).reshape(B, G)
+        return (rank * margin).reshape(Ba, G)
 
 
 def attribute_reward(texts: Sequence[str], truths: Sequence[Mapping[str, str]]) -> torch.Tensor:
@@ -122,20 +125,22 @@ class RewardConfig:
 
 
 def rollout_rewards(cfg: RewardConfig, texts: Sequence[str], stops: Sequence[str], anchors: torch.Tensor,
-                    others: torch.Tensor, truths: Sequence[Mapping[str, str]] | None = None) -> torch.Tensor:
-    """r = w_fmt r_fmt + w_ret r_ret (+ w_attr r_attr) for one side's rollouts: (B, G).
+                    others: torch.Tensor, truths: Sequence[Mapping[str, str]] | None = None,
+                    first: int = 0) -> torch.Tensor:
+    """r = w_fmt r_fmt + w_ret r_ret (+ w_attr r_attr) for one side's rollouts: (B_a, G).
 
-    texts and stops are the B*G rollouts in row order (item b's at b*G .. b*G+G-1);
-    anchors (B, G, d) their embeddings, others (B, K, d) the other side's.
+    texts and stops are the B_a*G rollouts in row order (item b's at b*G .. b*G+G-1);
+    anchors (B_a, G, d) their embeddings, others (B, K, d) the other side's, whose item
+    `first + b` is anchor item b (`retrieval_reward`); truths one mapping per anchor item.
     """
     B, G = anchors.shape[:2]
     if len(texts) != B * G:
         raise ValueError(f"{len(texts)} rollout texts for {B} items x {G} rollouts")
     r = cfg.format_weight * format_reward(texts, stops, cfg.fields, cfg.budget_penalty).to(anchors.device).view(B, G)
-    r = r + cfg.retrieval_weight * retrieval_reward(anchors, others)
+    r = r + cfg.retrieval_weight * retrieval_reward(anchors, others, first)
     if cfg.attribute_weight:
-        if truths is None:
+        if truths is None or len(truths) != B:
             raise ValueError("attribute_weight > 0 (the ground-truth ablation) needs each item's true attributes")
-        per_row = [t for t in truths for _ in range(G)] if len(truths) == B else truths
+        per_row = [t for t in truths for _ in range(G)]
         r = r + cfg.attribute_weight * attribute_reward(texts, per_row).to(anchors.device).view(B, G)
     return r
