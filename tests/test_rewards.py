@@ -56,8 +56,13 @@ def test_retrieval_reward_by_hand():
     torch.testing.assert_close(perfect, torch.ones(2, 1))
     with pytest.raises(ValueError, match="at least 2 items"):
         retrieval_reward(anchors[:1], others[:1])
-    with pytest.raises(ValueError, match="same items and dim"):
-        retrieval_reward(anchors, others[:1])
+    # a share of the anchors (a rank's items) scored against the whole other side
+    torch.testing.assert_close(retrieval_reward(anchors[1:], others, first=1), r[1:])
+    torch.testing.assert_close(retrieval_reward(anchors[:1], others, first=0), r[:1])
+    with pytest.raises(ValueError, match="from item 2 on"):
+        retrieval_reward(anchors[1:], others, first=2)
+    with pytest.raises(ValueError, match="same dim"):
+        retrieval_reward(anchors, others[:, :, :1])
 
 
 def test_perfect_group_outranks_a_shuffled_one():
