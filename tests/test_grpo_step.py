@@ -105,6 +105,16 @@ def test_rollouts_that_never_close_still_train():
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 
 
+def test_a_non_finite_objective_changes_nothing():
+    encoder, cfg, plan, queries, products, policy, reference, rescorer = setup(pairs=slice(0, 2), budget=3)
+    rollouts = collect(policy, reference, encoder.prompt, queries, products, plan, cfg, seed=6)
+    rollouts.old_logp[0] = float("nan")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="the RL objective is nan .* not applied"):
+        update(rescorer, torch.optim.SGD(policy.parameters(), lr=0.1), rollouts, cfg)
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+
+
 def test_ground_truth_reward_is_an_option():
     encoder, cfg, plan, queries, products, policy, reference, rescorer = setup(budget=3)
     ablation = RLConfig(rollouts=3, rewards=RewardConfig(attribute_weight=1.0))
