@@ -18,6 +18,7 @@ import moon3rt
 from moon3rt.api import TINY_TOKENIZER, Encoder
 from moon3rt.checkpoint import save_model
 from moon3rt.config import Moon3Config
+from moon3rt.generate import TorchDecoder
 from moon3rt.model import random_model
 from moon3rt.prompt import load_tokenizer
 from moon3rt.train.grpo import GRPOConfig
@@ -74,6 +75,23 @@ def test_collected_rollouts_rescore_to_their_own_logprobs():
     again = collect(policy, reference, encoder.prompt, queries, products, plan, cfg, seed=1)
     assert again.texts == rollouts.texts and torch.equal(again.rewards, rollouts.rewards)
     assert collect(policy, reference, encoder.prompt, queries, products, plan, cfg, seed=2).texts != rollouts.texts
+
+
+def test_rollouts_drawn_by_another_decoder():
+    """`decoder` draws the rollouts (e.g. the triton backend's, whose sampled rollouts equal the
+    torch decoder's: tests/test_sampling.py); here a counting wrapper of the torch decoder."""
+    encoder, cfg, plan, queries, products, policy, reference, rescorer = setup(pairs=slice(0, 2), budget=3)
+    plain = collect(policy, reference, encoder.prompt, queries, products, plan, cfg, seed=8)
+    steps = []
+
+    class Counting(TorchDecoder):
+        def decode_step(self, *args):
+            steps.append(1)
+            return super().decode_step(*args)
+
+    counted = collect(policy, reference, encoder.prompt, queries, products, plan, cfg, seed=8,
+                      decoder=Counting(policy, torch.device("cpu")))
+    assert steps and counted.texts == plain.texts and torch.equal(counted.rewards, plain.rewards)
 
 
 def test_one_step_lowers_the_objective_on_a_fixed_batch():

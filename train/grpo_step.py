@@ -173,24 +173,26 @@ def _rows(result: Reasoned, plan: ReasoningPlan):
 @torch.no_grad()
 def collect(policy: Moon3Model, reference: Rescorer, prompt: PromptBuilder, queries: Sequence[PreparedItem],
             products: Sequence[PreparedItem], plan: ReasoningPlan, cfg: RLConfig, seed: int,
-            truths: Sequence[Mapping[str, str]] | None = None) -> RolloutBatch:
+            truths: Sequence[Mapping[str, str]] | None = None, decoder=None) -> RolloutBatch:
     """Draw, reward and package one step's rollouts (module docstring, step 1).
 
     queries[b] and products[b] are pair b; `seed` makes the draw reproducible (one per
-    step); `truths` (one attribute mapping per pair) only feeds the ground-truth ablation.
+    step); `truths` (one attribute mapping per pair) only feeds the ground-truth ablation;
+    `decoder` draws the rollouts (default: the policy's plain-torch `TorchDecoder`; a
+    `TritonBackend` over the same weights decodes with the fused kernels).
     """
     world, rank = _world()
     B, G = len(queries), cfg.rollouts
     if B == 0 or len(products) != B:
         raise ValueError(f"a step needs as many products as queries (at least one), got {len(queries)} queries "
                          f"and {len(products)} products")
-    shares = _gather(torch.tensor([B])).tolist()
+    device = next(policy.parameters()).device
+    shares = _gather(torch.tensor([B], device=device)).tolist()  # on the device: NCCL gathers nothing else
     if len(set(shares)) != 1:
         raise ValueError(f"every rank needs the same number of pairs per step, got {shares}")
     total, first = B * world, B * rank
-    device = next(policy.parameters()).device
     seeds = Sampling(cfg.temperature, cfg.top_p, seed).seeds(2 * total * G)
-    decoder, weight = TorchDecoder(policy, device), policy.output_embeddings()
+    decoder, weight = decoder or TorchDecoder(policy, device), policy.output_embeddings()
     started = time.perf_counter()
     sides = []
     for side, prepared in enumerate((queries, products)):
@@ -225,7 +227,7 @@ def collect(policy: Moon3Model, reference: Rescorer, prompt: PromptBuilder, quer
     as_long = {"dtype": torch.int64, "device": device}
     predict_index, targets = torch.tensor(predict, **as_long), torch.tensor(targets, **as_long)
     ref_logp, _ = reference(batch, predict_index, targets)
-    num_tokens = int(_gather(torch.tensor([len(targets)])).sum())
+    num_tokens = int(_gather(torch.tensor([len(targets)], device=device)).sum())
     return RolloutBatch(
         batch, predict_index, targets, torch.tensor(rows, **as_long),
         torch.tensor(old, dtype=torch.float32, device=device), ref_logp.float(), advantages.to(device), rewards,
