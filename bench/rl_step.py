@@ -1,11 +1,12 @@
-"""Throughput of the RL stage's step (train/grpo_step.py): rollout tokens/s and pairs/s.
+"""Throughput of the RL stage's step (train/grpo_step.py): rollout tokens/s and items/s.
 
 One step on B (query, product) pairs: G sampled rollouts per item and side with a shared
 prefill (`collect`: the draw, the rewards, the reference's scoring), then the policy's
 re-scoring with gradients and one optimiser step (`update`). Products are the standard
 workload's items (bench/workload.py: one photo + a title), queries short attribute
 texts. Timed after one warm-up step; reported per phase: seconds, drawn tokens/s during
-the draw, pairs/s and rollouts/s for the whole step, peak memory on CUDA.
+the draw, items/s (queries + products), pairs/s and rollouts/s for the whole step, peak
+memory on CUDA.
 
 Default: ``moon3-tiny`` in fp32 on the CPU (224 px images, 1 torch thread: per-core
 figures); ``moon3-2b`` in bf16 on CUDA (448 px, the real shapes). The tiny preset gets an
@@ -117,6 +118,7 @@ def main(argv=None) -> dict:
         "mean": mean,
         "rollout_tokens_per_s": mean["drawn_tokens"] / mean["draw_s"],
         "pairs_per_s": args.pairs / mean["step_s"],
+        "items_per_s": 2 * args.pairs / mean["step_s"],  # queries and products: each rolls out G times
         "rollouts_per_s": rows / mean["step_s"],
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         "steps": runs,
@@ -132,8 +134,8 @@ def main(argv=None) -> dict:
          ["collect (draw + rewards + reference)", f"{mean['collect_s']:.3f}", ""],
          ["update (re-score + backward + step)", f"{mean['update_s']:.3f}", f"{mean['rescored_tokens']:.0f} tokens"],
          ["step", f"{mean['step_s']:.3f}", f"{rows} rollouts"]]))
-    print(f"  rollout tokens/s (draw): {report['rollout_tokens_per_s']:.1f}   pairs/s: {report['pairs_per_s']:.3f}   "
-          f"rollouts/s: {report['rollouts_per_s']:.2f}")
+    print(f"  rollout tokens/s (draw): {report['rollout_tokens_per_s']:.1f}   items/s: {report['items_per_s']:.3f} "
+          f"({report['pairs_per_s']:.3f} pairs/s)   rollouts/s: {report['rollouts_per_s']:.2f}")
     if args.out:
         reporting.write_json(args.out, report)
     return report
