@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -81,7 +80,7 @@ def main(argv=None) -> dict:
     products = workload.make_items(args.pairs, image_size, encoder.prompt.tokenizer, 32)
     queries = [encoder.prepare(QUERY_WORDS[i % len(QUERY_WORDS)], i, reasoning=True) for i in range(args.pairs)]
     products = [encoder.prepare(item, i, reasoning=True) for i, item in enumerate(products)]
-    policy = encoder.model.float() if dtype == torch.float32 else encoder.model
+    policy = encoder.model
     reference = frozen_reference(policy, cfg, plan.suppressed_ids)
     rescorer = Rescorer(policy, plan.suppressed_ids, cfg.temperature)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
@@ -142,4 +141,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    json.dumps(main())
+    main()
