@@ -4,6 +4,7 @@ that cannot reason are refused, and a 2-process gloo step equals one process."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -16,13 +17,24 @@ import torch.multiprocessing as mp
 
 import moon3rt
 from moon3rt.api import TINY_TOKENIZER, Encoder
+from moon3rt.batching import pack
 from moon3rt.checkpoint import save_model
 from moon3rt.config import Moon3Config
 from moon3rt.generate import TorchDecoder
 from moon3rt.model import random_model
 from moon3rt.prompt import load_tokenizer
 from moon3rt.train.grpo import GRPOConfig
-from moon3rt.train.grpo_step import RLConfig, Rescorer, check_rl_model, collect, frozen_reference, objective, update
+from moon3rt.train.grpo_step import (
+    RLConfig,
+    Rescorer,
+    SharedImages,
+    check_rl_model,
+    collect,
+    continued,
+    frozen_reference,
+    objective,
+    update,
+)
 from moon3rt.train.rewards import RewardConfig
 
 
@@ -64,7 +76,7 @@ def test_collected_rollouts_rescore_to_their_own_logprobs():
     assert rollouts.batch.num_items == 2 * B * G and len(rollouts.texts) == 2 * B * G
     assert rollouts.num_tokens == rollouts.targets.numel() > 0
     with torch.no_grad():
-        logp, vectors = rescorer(rollouts.batch, rollouts.predict_index, rollouts.targets)
+        logp, vectors = rescorer(rollouts.batch, rollouts.predict_index, rollouts.targets, rollouts.images)
     np.testing.assert_allclose(logp.numpy(), rollouts.old_logp.numpy(), atol=1e-4)  # rho = 1 before the update
     torch.testing.assert_close(rollouts.ref_logp, logp)  # pi_ref = pi_theta at the start: k3 = 0
     # the re-scored <emb> vectors are the draw's (rewards were computed from the draw's)
@@ -92,6 +104,42 @@ def test_rollouts_drawn_by_another_decoder():
     counted = collect(policy, reference, encoder.prompt, queries, products, plan, cfg, seed=8,
                       decoder=Counting(policy, torch.device("cpu")))
     assert steps and counted.texts == plain.texts and torch.equal(counted.rewards, plain.rewards)
+
+
+def test_shared_vision_pass_equals_repeated_images():
+    """Re-scoring runs each prompt's images once for its G rollouts: same log-probs, vectors and
+    gradients as a batch that repeats the pixels for every rollout."""
+    encoder, cfg, plan, queries, products, policy, reference, rescorer = setup(pairs=slice(0, 2))
+    prompts = [queries[0], products[0], products[1]]
+    tails = [[40, 41], [42], [43, 44, 45], [46], [47, 48], []]
+    owners = [0, 0, 1, 1, 2, 2]  # two rollouts per prompt
+    rows = [continued(prompts[o], t + list(plan.close_ids)) for o, t in zip(owners, tails)]
+    full = pack(rows)
+    starts = full.cu_seqlens.tolist()
+    predict = torch.tensor([starts[r] + prompts[o].num_tokens - 1 + j for r, (o, t) in enumerate(zip(owners, tails))
+                            for j in range(len(t))])
+    targets = torch.tensor([tok for t in tails for tok in t])
+    unique = pack(prompts)
+    cu = unique.cu_images.tolist()
+    images = SharedImages(unique.pixel_values, unique.image_grid_thw,
+                          torch.cat([torch.arange(cu[o], cu[o + 1]) for o in owners]))
+    bare = dataclasses.replace(full, pixel_values=None, image_grid_thw=None)
+
+    def run(batch, shared):
+        policy.zero_grad()
+        logp, vectors = rescorer(batch, predict, targets, shared)
+        (logp.sum() + vectors.square().sum()).backward()
+        return logp.detach(), vectors.detach(), {n: p.grad.clone() for n, p in policy.named_parameters()
+                                                  if p.grad is not None}
+
+    a, b = run(full, None), run(bare, images)
+    with pytest.raises(ValueError, match="image tokens but no pixels"):
+        rescorer(bare, predict, targets)
+    torch.testing.assert_close(b[0], a[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b[1], a[1], atol=1e-6, rtol=1e-5)
+    assert a[2].keys() == b[2].keys() and any(n.startswith("visual.") for n in a[2])
+    for name in a[2]:
+        torch.testing.assert_close(b[2][name], a[2][name], atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_one_step_lowers_the_objective_on_a_fixed_batch():

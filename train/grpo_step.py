@@ -13,7 +13,8 @@ A step takes B (query, product) pairs; each side is a reasoning prompt
    reference scores its drawn tokens once, without gradients.
 2. `objective`: the policy re-scores the packed rollouts with gradients (`Rescorer`: log
    pi_theta of each drawn token, log softmax(z / T) with the suppressed ids masked exactly
-   as they were drawn, and the embedding at ``<emb>``), and `train.grpo.grpo_objective`
+   as they were drawn, and the embedding at ``<emb>``; each prompt's images go through the
+   vision tower once, shared by its G rollouts), and `train.grpo.grpo_objective`
    gives -J_GRPO over both sides' tokens + lambda InfoNCE(query rollouts, product rollouts).
 3. `update`: backward, optional gradient clipping, one optimiser step.
 
@@ -34,6 +35,7 @@ back to the rank that owns the rollout.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +90,16 @@ def check_rl_model(model: Moon3Model, prompt: PromptBuilder, name: str = "the mo
         raise ValueError(f"{name} cannot be trained with --stage rl: " + "; ".join(problems))
 
 
+@dataclass
+class SharedImages:
+    """Each prompt's images once; `index` (N_img,) maps every merged image token of the packed
+    rollouts to its row of the vision tower's output on these pixels."""
+
+    pixel_values: torch.Tensor  # (P, C*T*ps*ps) patches of every prompt's images, prompt order
+    image_grid_thw: torch.Tensor  # (n_images, 3)
+    index: torch.Tensor  # (N_img,) int64
+
+
 class Rescorer(nn.Module):
     """Teacher-forced pass over packed rollouts: log-probs of the drawn tokens and the <emb> vectors."""
 
@@ -95,10 +107,19 @@ class Rescorer(nn.Module):
         super().__init__()
         self.model, self.suppressed_ids, self.temperature = model, tuple(suppressed_ids), temperature
 
-    def forward(self, batch: PackedBatch, predict_index: torch.Tensor, targets: torch.Tensor):
+    def forward(self, batch: PackedBatch, predict_index: torch.Tensor, targets: torch.Tensor,
+                images: SharedImages | None = None):
         """predict_index (N_tok,): packed index of the state that drew each target (N_tok,).
+        `images`: the rollouts' images, each run once through the vision tower and shared by
+        the rollouts that repeat it (then `batch` carries no pixels).
         Returns (log-probs (N_tok,) fp32, vectors (rows, out) fp32 un-normalised)."""
-        h, v = self.model.hidden_states(batch)
+        vision = None
+        if images is None and batch.pixel_values is None and int(batch.cu_images[-1]) > 0:
+            raise ValueError("the batch has image tokens but no pixels: pass its `images` (RolloutBatch.images)")
+        if images is not None:
+            z, v = self.model.visual(images.pixel_values, images.image_grid_thw)
+            vision = (z[images.index], v[images.index])
+        h, v = self.model.hidden_states(batch, vision=vision)
         logits = masked_logits(self.model.output_embeddings(), h[predict_index], self.suppressed_ids)
         logp = torch.log_softmax(logits / self.temperature, dim=-1).gather(-1, targets[:, None]).squeeze(1)
         return logp, self.model.heads(self.model.pool(h, batch), v, batch)
@@ -121,7 +142,8 @@ class RolloutBatch:
     """One step's collected rollouts, ready to be re-scored: rows are the B*G query rollouts,
     then the B*G product rollouts."""
 
-    batch: PackedBatch  # every rollout: prompt + reasoning + {end_marker}\n<emb>
+    batch: PackedBatch  # every rollout: prompt + reasoning + {end_marker}\n<emb> (pixels in `images`)
+    images: SharedImages | None  # the prompts' images, once each (None: text only)
     predict_index: torch.Tensor  # (N_tok,) packed index of the state that drew each token
     targets: torch.Tensor  # (N_tok,) the drawn tokens
     token_rows: torch.Tensor  # (N_tok,) the row each token belongs to
@@ -223,13 +245,22 @@ def collect(policy: Moon3Model, reference: Rescorer, prompt: PromptBuilder, quer
             old.extend(sides[s].logprobs[r])
             items.append(continued(item, tail))
             start += items[-1].num_tokens
-    batch = pack(items, policy.cfg.vision.spatial_merge_size).to(device)
+    merge = policy.cfg.vision.spatial_merge_size
+    batch, images = pack(items, merge), None
+    prompts = pack(list(queries) + list(products), merge)  # each prompt's images once
+    if prompts.pixel_values is not None:
+        cu = prompts.cu_images.tolist()
+        owners = [s * B + r // G for s in (0, 1) for r in range(B * G)]  # the prompt of every row
+        index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in owners])
+        images = SharedImages(prompts.pixel_values.to(device), prompts.image_grid_thw.to(device), index.to(device))
+        batch = dataclasses.replace(batch, pixel_values=None, image_grid_thw=None)
+    batch = batch.to(device)
     as_long = {"dtype": torch.int64, "device": device}
     predict_index, targets = torch.tensor(predict, **as_long), torch.tensor(targets, **as_long)
-    ref_logp, _ = reference(batch, predict_index, targets)
+    ref_logp, _ = reference(batch, predict_index, targets, images)
     num_tokens = int(_gather(torch.tensor([len(targets)], device=device)).sum())
     return RolloutBatch(
-        batch, predict_index, targets, torch.tensor(rows, **as_long),
+        batch, images, predict_index, targets, torch.tensor(rows, **as_long),
         torch.tensor(old, dtype=torch.float32, device=device), ref_logp.float(), advantages.to(device), rewards,
         num_tokens, B, G, texts[0] + texts[1], sides[0].stops + sides[1].stops, seconds, len(targets),
     )
@@ -238,7 +269,7 @@ def collect(policy: Moon3Model, reference: Rescorer, prompt: PromptBuilder, quer
 def objective(rescorer: nn.Module, rollouts: RolloutBatch, cfg: RLConfig) -> Objective:
     """The joint objective of the collected rollouts under the current policy (step 2)."""
     world, _ = _world()
-    logp, vectors = rescorer(rollouts.batch, rollouts.predict_index, rollouts.targets)
+    logp, vectors = rescorer(rollouts.batch, rollouts.predict_index, rollouts.targets, rollouts.images)
     B, G = rollouts.items, rollouts.rollouts
     queries = _gather_with_grad(vectors[: B * G].view(B, G, -1))
     products = _gather_with_grad(vectors[B * G :].view(B, G, -1))
