@@ -328,6 +328,9 @@ class Run:
                 "tflops": sum(per_call_flops) / seconds / 1e12,
                 "pct_roofline": 100 * sum(per_call_flops) / seconds / flops_total,
             }
+            settings = getattr(getattr(runner, "backend", None), "settings", None)  # e.g. onnxruntime's session
+            if settings:
+                row["backend_settings"] = settings
             if size == 1:
                 self.report["single_item"][runner.name] = {"p50_ms": row["latency_ms"]["p50"],
                                                            "p99_ms": row["latency_ms"]["p99"], "calls": row["calls"]}

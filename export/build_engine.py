@@ -188,6 +188,10 @@ def build_engine(onnx_path, engine_path, precision: str = "fp16", profiles: list
     check_profiles(profiles, dims)
     report = BuildReport(str(engine_path), flavour, trt.__version__, precision, list(compute_capability or []),
                          [{k: list(v) for k, v in p.items()} for p in profiles])
+    if any(node.op_type == "Attention" for node in proto.graph.node):
+        raise BuildError(f"{onnx_path} writes attention as opset-23 Attention nodes (export --attention-op), a "
+                         "graph for onnxruntime; build the standard graph (export without --attention-op), whose "
+                         "attention TensorRT fuses")
     if plugin_nodes(proto):
         report.plugins = check_plugin_graph(proto)
         if flavour != "tensorrt":

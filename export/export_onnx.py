@@ -1,7 +1,9 @@
 """Export a moon3rt model to ONNX: the whole forward (vision tower, decoder, FIRE, MHMF,
-pooling, projection) as one graph of standard ops with dynamic T, B and P.
+pooling, projection) as one graph of standard ops: attention per segment in a padded
+(segments, L) layout, everything else packed (export/onnx_model.py).
 
     python export/export_onnx.py --model moon3-tiny --out model.onnx [--verify]
+    python export/export_onnx.py --model moon3-tiny --out attn.onnx --attention-op   # opset-23 Attention
 
 Writes ``model.onnx`` (``model.onnx.data`` too when the weights pass protobuf's 2 GiB)
 and a sidecar ``model.json`` with the input names, dtypes, symbolic shapes and the dims'
@@ -40,27 +42,33 @@ from torch import nn
 
 from moon3rt.checkpoint import load_model
 from moon3rt.config import PRESETS, Moon3Config
-from moon3rt.export.onnx_model import OUTPUT, OnnxMoon3, example_batch, export_inputs
+from moon3rt.export.onnx_model import ATTENTION, OUTPUT, OnnxMoon3, example_batch, export_inputs
 from moon3rt.model import Moon3Model, PackedBatch, random_model
 
 DEFAULT_OPSET = 17
 OPSETS = range(12, 21)  # opset 11 has no int64 Clip; 20 is the TorchScript exporter's newest
+ATTENTION_OPSET = 23  # the first with the Attention op (attention="onnx")
 DEFAULT_MAX_BATCH_TOKENS = 16384  # the API's default budget (decoder tokens + patches per batch)
 DEFAULT_MAX_BATCH_ITEMS = 64
 PROTOBUF_LIMIT = 2**31 - 2**26  # weights past this go to an external .data file (protobuf caps a message at 2 GiB)
 DIM_AXES = {
-    "input_ids": {0: "T"}, "position_ids": {1: "T"}, "token_item": {0: "T"}, "title_mask": {0: "T"},
-    "pool_index": {0: "B"}, "pixel_values": {0: "P"}, "patch_image": {0: "P"}, "patch_pos": {0: "P"},
-    OUTPUT: {0: "B"},
+    "input_ids": {0: "T"}, "position_ids": {1: "T"}, "token_slot": {0: "T"}, "item_tokens": {0: "B", 1: "L"},
+    "item_mask": {0: "B", 1: "L"}, "title_mask": {0: "T"}, "pool_index": {0: "B"}, "pixel_values": {0: "P"},
+    "patch_slot": {0: "P"}, "image_patches": {0: "N", 1: "S"}, "image_mask": {0: "N", 1: "S"},
+    "patch_pos": {0: "P"}, OUTPUT: {0: "B"},
 }
 MEANINGS = {
     "input_ids": "packed token ids",
     "position_ids": "M-RoPE t/h/w positions (equal rows for 1-D positions)",
-    "token_item": "item index 0..B-1 of every token",
+    "token_slot": "slot b*L + l of every token (the l-th token of item b)",
+    "item_tokens": "packed index of the token in each item slot (0 in padding slots)",
+    "item_mask": "true for the item slots that hold a token",
     "title_mask": "true for title tokens (MHMF's text modality)",
     "pool_index": "packed index of each item's pooling token",
     "pixel_values": "all images' patches, merge windows grouped (Qwen2-VL processor order)",
-    "patch_image": "image index of every patch",
+    "patch_slot": "slot n*S + s of every patch (the s-th patch of image n)",
+    "image_patches": "packed index of the patch in each image slot (0 in padding slots)",
+    "image_mask": "true for the image slots that hold a patch",
     "patch_pos": "row and column of every patch in its image",
     OUTPUT: "un-normalised embeddings (Moon3Model.forward)",
 }
@@ -96,15 +104,22 @@ def fp32_model(model: Moon3Model) -> Moon3Model:
 
 
 def dim_ranges(cfg: Moon3Config, vision: bool, max_batch_tokens: int, max_batch_items: int) -> dict:
-    """min/opt/max of T, B and P. The batcher's budget counts decoder tokens plus patches,
-    so T and P each stay within it (an item over the budget alone forms its own batch)."""
+    """min/opt/max of the dynamic dims. The batcher's budget counts decoder tokens plus
+    patches, so T and P each stay within it (an item over the budget alone forms its own
+    batch); L (slots per item) and S (slots per image) are at most one segment of T or P,
+    S also at most the patches of the largest image the preprocessing makes."""
     merge2 = cfg.vision.spatial_merge_size**2
+    t_opt, b_opt = max(1, max_batch_tokens // 4), max(1, min(16, max_batch_items))
     dims = {
-        "T": {"min": 1, "opt": max(1, max_batch_tokens // 4), "max": max_batch_tokens},
-        "B": {"min": 1, "opt": max(1, min(16, max_batch_items)), "max": max_batch_items},
+        "T": {"min": 1, "opt": t_opt, "max": max_batch_tokens},
+        "B": {"min": 1, "opt": b_opt, "max": max_batch_items},
+        "L": {"min": 1, "opt": max(1, t_opt // b_opt), "max": max_batch_tokens},
     }
     if vision:
-        dims["P"] = {"min": merge2, "opt": max(merge2, max_batch_tokens // 4), "max": max_batch_tokens}
+        s_max = max(merge2, min(max_batch_tokens, cfg.max_pixels // cfg.vision.patch_size**2))
+        dims["P"] = {"min": merge2, "opt": max(merge2, t_opt), "max": max(merge2, max_batch_tokens)}
+        dims["N"] = {"min": 1, "opt": b_opt, "max": max(1, max_batch_tokens // merge2)}
+        dims["S"] = {"min": merge2, "opt": min(s_max, max(merge2, t_opt // b_opt)), "max": s_max}
     return dims
 
 
@@ -120,7 +135,7 @@ def describe_inputs(example: dict[str, np.ndarray]) -> list[dict]:
 def export_onnx(
     model_or_preset: Moon3Model | str | os.PathLike,
     path: str | os.PathLike,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     *,
     vision: bool = True,
     seed: int = 0,
@@ -128,6 +143,7 @@ def export_onnx(
     max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
     dynamo: bool = False,
     plugins: bool = False,
+    attention: str = "ops",
 ) -> Path:
     """Export to `path` (ONNX, fp32) plus its sidecar ``<stem>.json``; returns `path`.
 
@@ -137,6 +153,10 @@ def export_onnx(
     TorchScript-based exporter (dynamo=False).
     dynamo=True uses torch's torch.export-based exporter instead (needs onnxscript; opset
     18 or newer); it gives the same inputs and results, about ten times slower to export.
+    attention="onnx" writes every attention as one ``Attention`` node of opset 23 (the
+    graph's opset; onnxruntime >= 1.23 runs it on CPU) instead of standard ops; it needs
+    the TorchScript-based exporter and the standard graph (no plugins).
+    opset: default 17 (23 with attention="onnx").
     Raises `ExportError` for an unsupported opset or model.
     """
     try:
@@ -144,8 +164,19 @@ def export_onnx(
     except ImportError:
         raise ImportError("exporting to ONNX needs the onnx package: pip install 'moon3rt[onnx]'") from None
 
-    if opset not in OPSETS:
-        raise ExportError(f"opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
+    if attention not in ATTENTION:
+        raise ExportError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "onnx":
+        opset = ATTENTION_OPSET if opset is None else opset
+        if opset != ATTENTION_OPSET:
+            raise ExportError(f"attention='onnx' writes opset {ATTENTION_OPSET} (the Attention op), not {opset}")
+        if dynamo or plugins:
+            raise ExportError("attention='onnx' needs the TorchScript-based exporter and the standard graph "
+                              "(no dynamo, no plugins)")
+    else:
+        opset = DEFAULT_OPSET if opset is None else opset
+        if opset not in OPSETS:
+            raise ExportError(f"opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
     if dynamo and plugins:
         raise ExportError("the plugin graph needs the TorchScript-based exporter (dynamo=False)")
     if dynamo:
@@ -171,7 +202,7 @@ def export_onnx(
 
         wrapper = PluginMoon3(model, vision=vision).eval()
     else:
-        wrapper = OnnxMoon3(model, vision=vision).eval()
+        wrapper = OnnxMoon3(model, vision=vision, attention=attention).eval()
 
     batch = example_batch(cfg)
     if not vision:
@@ -180,7 +211,11 @@ def export_onnx(
     args = tuple(torch.from_numpy(example[name]).to(device) for name in wrapper.input_names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    proto = _trace(wrapper, args, path.parent, opset, dynamo)
+    # the Attention node is written by the TorchScript exporter at its newest opset (20), whose
+    # other ops are unchanged up to 23 (newer versions only add types), then the import is raised
+    proto = _trace(wrapper, args, path.parent, OPSETS.stop - 1 if attention == "onnx" else opset, dynamo)
+    if attention == "onnx":
+        _raise_default_opset(proto, opset)
     if plugins:
         from moon3rt.export.plugins import check_plugin_graph
 
@@ -193,7 +228,9 @@ def export_onnx(
     inputs = describe_inputs({name: example[name] for name in names})
     sidecar = {
         "format": "moon3rt-onnx/1",
-        "graph": ("full" if vision else "text-only") + ("+plugins" if plugins else ""),
+        "graph": ("full" if vision else "text-only") + ("+plugins" if plugins else "")
+                 + ("+attention-op" if attention == "onnx" else ""),
+        "attention": attention,
         "model_file": path.name,
         "opset": opset,
         "exporter": f"torch.onnx.export(dynamo={dynamo}), torch {torch.__version__}",
@@ -254,7 +291,8 @@ def _trace(wrapper: OnnxMoon3, args: tuple, workdir: Path, opset: int, dynamo: b
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 # torch.export specialises sizes 0 and 1, so T and P start at 2 (B's example is 2)
                 dims = {"T": torch.export.Dim("T", min=2), "B": torch.export.Dim("B", min=1),
-                        "P": torch.export.Dim("P", min=2)}
+                        "L": torch.export.Dim("L", min=2), "P": torch.export.Dim("P", min=2),
+                        "N": torch.export.Dim("N", min=1), "S": torch.export.Dim("S", min=2)}
                 shapes = {n: {axis: dims[d] for axis, d in DIM_AXES[n].items()} for n in names}
                 program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=names,
                                             output_names=[OUTPUT], dynamic_shapes=shapes, verbose=False)
@@ -268,6 +306,12 @@ def _trace(wrapper: OnnxMoon3, args: tuple, workdir: Path, opset: int, dynamo: b
                     do_constant_folding=True, **_custom_opsets(wrapper),
                 )
         return onnx.load(str(traced))  # reads any external tensors into the proto
+
+
+def _raise_default_opset(proto, opset: int) -> None:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
 
 
 def _custom_opsets(wrapper: OnnxMoon3) -> dict:
@@ -327,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="moon3-tiny", help="preset name or checkpoint directory")
     parser.add_argument("--out", default="model.onnx", help="output .onnx path (a .json sidecar goes beside it)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--opset", type=int, help=f"ONNX opset (default {DEFAULT_OPSET}; {ATTENTION_OPSET} with "
+                                                      "--attention-op)")
     parser.add_argument("--text-only", action="store_true", help="export the graph without vision inputs")
     parser.add_argument("--seed", type=int, default=0, help="weights seed for a preset")
     parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
@@ -338,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="use torch's torch.export-based exporter (needs onnxscript; --opset 18 or newer)")
     parser.add_argument("--plugins", action="store_true",
                         help="export the plugin graph: FIRE and MHMF as moon3rt custom nodes (TensorRT plugins)")
+    parser.add_argument("--attention-op", action="store_true",
+                        help=f"write each attention as one opset-{ATTENTION_OPSET} Attention node (onnxruntime >= 1.23) "
+                             "instead of standard ops")
     parser.add_argument("--verify", action="store_true", help="compare onnxruntime with torch on a synthetic batch")
     args = parser.parse_args(argv)
     try:
@@ -345,16 +393,17 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         path = export_onnx(model, args.out, args.opset, vision=not args.text_only, seed=args.seed,
                            max_batch_tokens=args.max_batch_tokens, max_batch_items=args.max_batch_items,
-                           dynamo=args.dynamo, plugins=args.plugins)
+                           dynamo=args.dynamo, plugins=args.plugins,
+                           attention="onnx" if args.attention_op else "ops")
     except (ExportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     size = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
     sidecar = json.loads(path.with_suffix(".json").read_text())
-    print(f"wrote {path} ({size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s, opset {args.opset}, "
+    print(f"wrote {path} ({size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s, opset {sidecar['opset']}, "
           f"{sidecar['graph']} graph) and {path.with_suffix('.json')}")
     for spec in sidecar["inputs"]:
-        print(f"  {spec['name']:<13} {spec['dtype']:<8} {spec['shape']}")
+        print(f"  {spec['name']:<14} {spec['dtype']:<8} {spec['shape']}")
     print("  dims " + ", ".join(f"{k} {v['min']}..{v['max']}" for k, v in sidecar["dims"].items()))
     if args.verify:
         batch = example_batch(model.cfg)

@@ -1,43 +1,63 @@
 """`Moon3Model.forward` in a form that traces to one ONNX graph of standard ops.
 
 The reference model walks the packed batch's segments in Python (`cu_seqlens.tolist()`),
-which a trace would freeze to the example batch. Here every per-segment choice is a
-mask built inside the graph from per-token ids, so one graph serves any batch:
+which a trace would freeze to the example batch. Here the host hands the graph slot
+indices instead, so one graph serves any batch:
 
-- vision attention: patch i sees patch j when ``patch_image[i] == patch_image[j]``;
-  decoder attention: token i sees token j when ``token_item[i] == token_item[j]`` and
-  ``j <= i`` (both as -inf fills before the softmax; the diagonal is always allowed);
+- everything but attention runs on the packed tokens (T) and patches (P);
+- attention runs per segment in a padded layout: the decoder's B items as (B, L) slots,
+  L the longest item's tokens; the vision tower's N images as (N, S) slots, S the
+  longest image's patches. ``item_tokens`` / ``image_patches`` gather the packed rows
+  into the slots, ``token_slot`` / ``patch_slot`` gather the results back. Work and
+  memory grow with the sum over segments of L^2 (as in the reference), not with the
+  square of the whole batch;
+- the decoder's segments are causal: tokens sit at the front of their item's slots, so
+  a real query (slot l < length) only sees slots <= l, all real, and the causal mask is
+  the whole mask; the vision tower's segments are bidirectional with a key-padding mask
+  from ``image_mask``. Both are additive biases (0 or -inf) before the softmax, and each
+  slot's own key is always allowed, so no row is empty; padded query rows compute values
+  that are never gathered back;
+- the softmax scale multiplies Q before the first MatMul, and GQA's KV heads are
+  expanded to the query heads as 4-D tensors (Unsqueeze, Expand, Reshape): the
+  MatMul -> Add -> Softmax -> MatMul pattern that TensorRT fuses into one attention
+  kernel. ``attention="onnx"`` writes each attention as one opset-23 ``Attention`` node
+  instead (KV heads not expanded, the scale an attribute; export/export_onnx.py);
 - RoPE angles are formed in the graph: decoder M-RoPE from the (3, T) t/h/w positions
   (`LanguageModel.rotary`, reused as is), vision 2-D RoPE from (P, 2) row/column
   positions that the host computes (`moon3rt.model.vision_positions`);
 - image tokens are the rows where ``input_ids == image_token_id``; the k-th of them
   takes V[k] and FIRE's k-th delta, k coming from a CumSum (Gather + Where, no
   NonZero, so no data-dependent shapes);
-- pooling gathers ``pool_index``; `mean` pooling averages with a (B, T) item
-  membership matrix;
-- MHMF: each modality is a token mask over the packed raw embeddings (after V is
-  written in, image tokens hold V and title tokens their input embeddings, exactly
-  the X_img / X_txt of the spec). A modality that an item lacks is filled with the
-  most negative float before its attention softmax (a finite fill, so an all-masked
-  row gives finite weights rather than NaN) and before the gate softmax, and its gate
-  weight is then multiplied by 0, so an item with neither modality gets zero heads,
-  as in the reference.
+- pooling gathers ``pool_index``; `mean` pooling averages each item's slots under
+  ``item_mask``;
+- MHMF runs on the item slots too: each modality is a slot mask (image tokens hold V
+  after it is written in, title tokens their input embeddings: the X_img / X_txt of the
+  spec). A modality that an item lacks is filled with the most negative float before its
+  attention softmax (a finite fill, so an all-masked row gives finite weights rather
+  than NaN) and before the gate softmax, and its gate weight is then multiplied by 0, so
+  an item with neither modality gets zero heads, as in the reference.
 
-Graph inputs (dims: T packed tokens, B items, P vision patches; int64 unless noted):
+Graph inputs (dims: T packed tokens, B items, L slots per item, P vision patches, N
+images, S slots per image; int64 unless noted):
 
-| name         | shape            | meaning                                                    |
-|--------------|------------------|------------------------------------------------------------|
-| input_ids    | (T,)             | packed token ids                                           |
-| position_ids | (3, T)           | M-RoPE t/h/w positions (three equal rows for 1-D ones)     |
-| token_item   | (T,)             | item index 0..B-1 of every token                           |
-| title_mask   | (T,) bool        | true for title tokens (MHMF's text modality)               |
-| pool_index   | (B,)             | packed index of each item's pooling token (also fixes B)   |
-| pixel_values | (P, C*2*14*14) f32 | all images' patches, merge windows grouped               |
-| patch_image  | (P,)             | image index of every patch                                 |
-| patch_pos    | (P, 2)           | row / column of every patch inside its image               |
+| name          | shape              | meaning                                                    |
+|---------------|--------------------|------------------------------------------------------------|
+| input_ids     | (T,)               | packed token ids                                           |
+| position_ids  | (3, T)             | M-RoPE t/h/w positions (three equal rows for 1-D ones)     |
+| token_slot    | (T,)               | slot b*L + l of every token (l-th token of item b)         |
+| item_tokens   | (B, L)             | packed index of the token in each item slot (padding: 0)   |
+| item_mask     | (B, L) bool        | true for the slots that hold a token                       |
+| title_mask    | (T,) bool          | true for title tokens (MHMF's text modality)               |
+| pool_index    | (B,)               | packed index of each item's pooling token                  |
+| pixel_values  | (P, C*2*14*14) f32 | all images' patches, merge windows grouped                 |
+| patch_slot    | (P,)               | slot n*S + s of every patch (s-th patch of image n)        |
+| image_patches | (N, S)             | packed index of the patch in each image slot (padding: 0)  |
+| image_mask    | (N, S) bool        | true for the slots that hold a patch                       |
+| patch_pos     | (P, 2)             | row / column of every patch inside its image               |
 
 A graph has only the inputs its model uses (the exporter drops the others): a model
-without MHMF has no ``title_mask``. `export_inputs` returns them all; feed the graph's.
+without MHMF has no ``title_mask``, and one without MHMF or mean pooling no
+``item_mask``. `export_inputs` returns them all; feed the graph's.
 
 Output: ``embeddings`` (B, output_dim) float32, un-normalised, = `Moon3Model.forward`.
 
@@ -47,11 +67,9 @@ so the graph never sees a zero-size dim; its cost is a few patches through the v
 tower. A graph without the vision inputs (``vision=False``) serves text-only batches
 without that cost and without the vision weights.
 
-There are no N_img / N_txt dims: the image and title tokens are found among the T
-tokens, so the only dynamic dims are T, B and P.
-
-Cost note: attention materialises (heads, T, T) and (heads, P, P) scores, as any
-standard-ops formulation must; keep T and P to a few thousand per batch.
+Cost note: attention materialises (B, heads, L, L) and (N, heads, S, S) scores, so a
+batch of items of very different lengths pays for padding; the onnxruntime backend
+groups items of similar length (`moon3rt.batching.attention_buckets`).
 """
 
 from __future__ import annotations
@@ -63,9 +81,10 @@ from torch import nn
 from ..config import Moon3Config
 from ..model import Moon3Model, PackedBatch, rope_inv_freq, rotate_half, vision_positions
 
-VISION_INPUTS = ("pixel_values", "patch_image", "patch_pos")
-TEXT_INPUTS = ("input_ids", "position_ids", "token_item", "title_mask", "pool_index")
+VISION_INPUTS = ("pixel_values", "patch_slot", "image_patches", "image_mask", "patch_pos")
+TEXT_INPUTS = ("input_ids", "position_ids", "token_slot", "item_tokens", "item_mask", "title_mask", "pool_index")
 OUTPUT = "embeddings"
+ATTENTION = ("ops", "onnx")  # standard ops (default) | one opset-23 Attention node per attention
 
 
 def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -73,40 +92,86 @@ def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
     return torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Masked attention for (N, Hq, D) q and (N, Hk, D) k/v, GQA by grouping q heads.
+def _attention_ops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + bias) v for (Bs, Hq, L, D) q and (Bs, Hk, L, D) k/v.
 
-    Query head h reads key head h // (Hq / Hk), as `repeat_interleave` does in the reference.
-    """
-    n_q, n_kv, d = q.shape[1], k.shape[1], q.shape[2]
-    q = q.transpose(0, 1).reshape(n_kv, n_q // n_kv, -1, d)  # (Hk, G, N, D)
-    k = k.transpose(0, 1).unsqueeze(1)  # (Hk, 1, N, D)
-    v = v.transpose(0, 1).unsqueeze(1)
-    scores = (q @ k.transpose(-1, -2)) * d**-0.5
-    out = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v  # (Hk, G, N, D)
-    return out.reshape(n_q, -1, d).transpose(0, 1)  # (N, Hq, D)
+    Query head h reads key head h // (Hq / Hk), as `repeat_interleave` does in the reference:
+    the KV heads are expanded in 4-D, and the scale multiplies q before the MatMul."""
+    n_q, n_kv = q.shape[1], k.shape[1]
+    if n_kv != n_q:
+        k = k.unsqueeze(2).expand(-1, -1, n_q // n_kv, -1, -1).flatten(1, 2)
+        v = v.unsqueeze(2).expand(-1, -1, n_q // n_kv, -1, -1).flatten(1, 2)
+    scores = (q * scale) @ k.transpose(-1, -2)
+    return torch.softmax(scores + bias, dim=-1) @ v
+
+
+class _Attention23(torch.autograd.Function):
+    """`_attention_ops` that traces to one ONNX ``Attention`` node (opset 23; GQA from the
+    4-D shapes, the bias as a float ``attn_mask``, the scale an attribute).
+
+    Not Attention-24's ``nonpad_kv_seqlen`` with ``is_causal``: onnxruntime 1.32 aligns
+    that causal mask to the bottom right, which is wrong for right-padded segments."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        return _attention_ops(q, k, v, bias, scale)
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, scale):
+        out = g.op("Attention", q, k, v, bias, scale_f=scale)
+        out.setType(q.type())
+        return out
+
+
+def _attention(q, k, v, bias, head_dim: int, op: str) -> torch.Tensor:
+    """Attention over padded segments: q (Bs, L, Hq, D), k/v (Bs, L, Hk, D) -> (Bs, L, Hq, D)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scale = float(head_dim) ** -0.5
+    out = _Attention23.apply(q, k, v, bias, scale) if op == "onnx" else _attention_ops(q, k, v, bias, scale)
+    return out.transpose(1, 2)
+
+
+def _to_slots(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Packed rows (n, ...) into a padded (segments, L, ...) layout."""
+    return x[slots]
+
+
+def _to_packed(x: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    """A padded (segments, L, H, D) result back to packed (n, H*D) rows."""
+    return x.reshape(-1, x.shape[2] * x.shape[3])[back]
+
+
+def _slot_index(slots: torch.Tensor) -> torch.Tensor:
+    """0..L-1 for a (segments, L) slot tensor (no Range: plain ops)."""
+    return torch.ones_like(slots[0]).cumsum(0) - 1
 
 
 class OnnxMoon3(nn.Module):
     """Wraps a `Moon3Model` (sharing its parameters) with a loop-free forward for export.
 
-    ``forward(input_ids, position_ids, token_item, title_mask, pool_index
-    [, pixel_values, patch_image, patch_pos])`` returns the (B, output_dim) fp32 vectors
-    of `Moon3Model.forward` on the same batch (see the module docstring for the inputs).
+    ``forward(input_ids, position_ids, token_slot, item_tokens, item_mask, title_mask,
+    pool_index[, pixel_values, patch_slot, image_patches, image_mask, patch_pos])`` returns
+    the (B, output_dim) fp32 vectors of `Moon3Model.forward` on the same batch (see the
+    module docstring for the inputs). attention: "ops" (standard ops) or "onnx" (one
+    opset-23 ``Attention`` node per attention).
     """
 
-    def __init__(self, model: Moon3Model, vision: bool = True):
+    def __init__(self, model: Moon3Model, vision: bool = True, attention: str = "ops"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         self.model = model
         self.cfg = model.cfg
         self.vision = vision
+        self.attention = attention
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return TEXT_INPUTS + (VISION_INPUTS if self.vision else ())
 
     # -------------------------------------------------------------------- vision
-    def _vision_tower(self, pixel_values, patch_image, patch_pos):
+    def _vision_tower(self, pixel_values, patch_slot, image_patches, image_mask, patch_pos):
         """(Z, V) of all images, attention restricted to each image."""
         tower, vc = self.model.visual, self.cfg.vision
         x = tower.patch_embed(pixel_values)
@@ -115,26 +180,30 @@ class OnnxMoon3(nn.Module):
         freqs = (patch_pos[:, :, None].float() * inv_freq).flatten(1)  # (P, head_dim/2): rows then cols
         freqs = torch.cat([freqs, freqs], dim=-1)
         cos, sin = freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)
-        same_image = patch_image[:, None] == patch_image[None, :]
+        # key padding: (N, 1, 1, S), 0 where a slot holds a patch
+        bias = torch.zeros_like(image_mask, dtype=torch.float32).masked_fill(~image_mask, float("-inf"))[:, None, None]
+        if self.attention == "onnx":  # onnxruntime wants the mask's query dim spelled out: (N, 1, S, S)
+            bias = bias.expand(-1, -1, image_mask.shape[1], -1)
         for block in tower.blocks:
             attn, y = block.attn, block.norm1(x)
             q, k, v = attn.qkv(y).view(-1, 3, attn.num_heads, vc.head_dim).unbind(1)
             q = (q.float() * cos + rotate_half(q.float()) * sin).to(y.dtype)
             k = (k.float() * cos + rotate_half(k.float()) * sin).to(y.dtype)
-            out = _attention(q, k, v, same_image)
-            x = x + attn.proj(out.reshape(-1, vc.embed_dim))
+            out = _attention(*(_to_slots(t, image_patches) for t in (q, k, v)), bias, vc.head_dim,
+                             self.attention)
+            x = x + attn.proj(_to_packed(out, patch_slot))
             x = x + block.mlp(block.norm2(x))
         return tower.merger(x)
 
     # ------------------------------------------------------------------- forward
-    def forward(self, input_ids, position_ids, token_item, title_mask, pool_index,
-                pixel_values=None, patch_image=None, patch_pos=None):
+    def forward(self, input_ids, position_ids, token_slot, item_tokens, item_mask, title_mask, pool_index,
+                pixel_values=None, patch_slot=None, image_patches=None, image_mask=None, patch_pos=None):
         model, lm, cfg = self.model, self.model.language_model, self.cfg
         h = lm.embed_tokens(input_ids)
         is_image = input_ids == cfg.image_token_id
-        r = None
+        r = image_row = None
         if self.vision:
-            z, v = self._vision_tower(pixel_values, patch_image, patch_pos)
+            z, v = self._vision_tower(pixel_values, patch_slot, image_patches, image_mask, patch_pos)
             # the k-th image token takes row k of V (and of FIRE's delta)
             image_row = (is_image.to(torch.int64).cumsum(0) - 1).clamp(min=0)
             h = torch.where(is_image[:, None], v.to(h.dtype)[image_row], h)
@@ -142,32 +211,28 @@ class OnnxMoon3(nn.Module):
                 r = self._fire_prologue(z)
         raw = h  # X_img (image tokens) and X_txt (title tokens) for MHMF
         cos, sin = lm.rotary(position_ids, h.dtype)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        index = torch.ones_like(token_item).cumsum(0) - 1  # 0..T-1 (no Range/Trilu: plain ops)
-        allowed = (token_item[:, None] == token_item[None, :]) & (index[None, :] <= index[:, None])
+        index = _slot_index(item_tokens)  # tokens lead their item's slots: causal is the whole mask
+        causal = torch.zeros_like(index[:, None] + index[None, :], dtype=h.dtype).masked_fill(
+            index[None, :] > index[:, None], float("-inf"))  # (L, L)
         fire_slots = {layer: slot for slot, layer in enumerate(model.fire.layers)} if model.fire is not None else {}
         for i, layer in enumerate(lm.layers):
             attn, y = layer.self_attn, layer.input_layernorm(h)
-            q = attn.q_proj(y).view(-1, attn.num_heads, attn.head_dim)
-            k = attn.k_proj(y).view(-1, attn.num_kv_heads, attn.head_dim)
-            val = attn.v_proj(y).view(-1, attn.num_kv_heads, attn.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            h = h + attn.o_proj(_attention(q, k, val, allowed).reshape(-1, attn.num_heads * attn.head_dim))
+            q, k, val = attn.rotated_qkv(y, cos, sin)
+            out = _attention(*(_to_slots(t, item_tokens) for t in (q, k, val)), causal, attn.head_dim,
+                             self.attention)
+            h = h + attn.o_proj(_to_packed(out, token_slot))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             if r is not None and i in fire_slots:
                 h = self._fire_inject(h, r, is_image, image_row, fire_slots[i], i)
         h = lm.norm(h)
 
-        items = torch.ones_like(pool_index).cumsum(0) - 1  # 0..B-1, B taken from pool_index
-        member = items[:, None] == token_item[None, :]  # (B, T)
         if cfg.pooling == "mean":
-            weights = member.float() / member.float().sum(-1, keepdim=True)
-            e = (weights @ h.float()).to(h.dtype).float()
+            weights = item_mask.float() / item_mask.float().sum(-1, keepdim=True)  # (B, L)
+            e = (weights[:, None, :] @ h.float()[item_tokens])[:, 0].to(h.dtype).float()
         else:
             e = h[pool_index].float()
         if model.fusion is not None:
-            e = self._fusion(e, raw, member & is_image[None, :], member & title_mask[None, :])
+            e = self._fusion(e, raw, is_image, title_mask, item_tokens, item_mask)
         if model.projection is not None:
             e = e @ model.projection.weight.float().t()
         return e
@@ -183,18 +248,21 @@ class OnnxMoon3(nn.Module):
         delta = torch.tanh(fire.alpha[slot].float()) * (r.float() @ fire.up[slot].float())
         return torch.where(is_image[:, None], (h.float() + delta[image_row]).to(h.dtype), h)
 
-    def _fusion(self, e, raw, image_mask, title_mask):
-        """MHMF over the packed raw tokens; image_mask/title_mask (B, T) pick each item's X_img/X_txt."""
+    def _fusion(self, e, raw, is_image, title_mask, item_tokens, item_mask):
+        """MHMF on the item slots: (T,) is_image/title_mask pick X_img/X_txt among each item's tokens."""
         fusion = self.model.fusion
         n_heads, d_f = fusion.num_heads, fusion.head_dim
         w = {name: p.float() for name, p in fusion.named_parameters()}
         x = raw.float()
-        q = (e @ w["q_proj.weight"].t() + w["q_proj.bias"]).view(-1, n_heads, d_f).transpose(0, 1)  # (H, B, Df)
-        k = (x @ w["k_proj.weight"].t() + w["k_proj.bias"]).view(-1, n_heads, d_f).transpose(0, 1)  # (H, T, Df)
-        v = (x @ w["v_proj.weight"].t() + w["v_proj.bias"]).view(-1, n_heads, d_f).transpose(0, 1)
-        scores = (q @ k.transpose(1, 2)) / d_f**0.5  # (H, B, T)
-        outs = [(_masked_softmax(scores, m[None]) @ v).transpose(0, 1) for m in (image_mask, title_mask)]
-        present = torch.stack([image_mask.float().sum(-1) > 0, title_mask.float().sum(-1) > 0], dim=-1)[:, None]
+        q = (e @ w["q_proj.weight"].t() + w["q_proj.bias"]).view(-1, n_heads, 1, d_f)  # (B, H, 1, Df)
+        k = (x @ w["k_proj.weight"].t() + w["k_proj.bias"])[item_tokens]  # (B, L, H*Df)
+        v = (x @ w["v_proj.weight"].t() + w["v_proj.bias"])[item_tokens]
+        k = k.view(k.shape[0], k.shape[1], n_heads, d_f).transpose(1, 2)  # (B, H, L, Df)
+        v = v.view(v.shape[0], v.shape[1], n_heads, d_f).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / d_f**0.5  # (B, H, 1, L)
+        masks = [is_image[item_tokens] & item_mask, title_mask[item_tokens] & item_mask]  # (B, L) each
+        outs = [(_masked_softmax(scores, m[:, None, None]) @ v)[:, :, 0] for m in masks]  # (B, H, Df)
+        present = torch.stack([m.float().sum(-1) > 0 for m in masks], dim=-1)[:, None]  # (B, 1, 2)
         gate_logits = (e @ w["gate.weight"].t() + w["gate.bias"]).view(-1, n_heads, len(fusion.MODALITIES))
         gate = _masked_softmax(gate_logits, present) * present.float()  # (B, H, 2); absent modality: 0
         heads = gate[..., 0:1] * outs[0] + gate[..., 1:2] * outs[1]  # (B, H, Df)
@@ -210,6 +278,21 @@ def placeholder_image(cfg: Moon3Config) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((m * m, width), np.float32), np.array([[1, m, m]], np.int64)
 
 
+def segment_slots(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows (n, L), mask (n, L), slot (total,)) of segments of `lengths` packed one after
+    another: rows[s, l] is the packed index of segment s's l-th element (0 past its
+    end), mask where a slot holds one, slot[i] = s * L + l of packed element i."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    width = max(1, int(lengths.max(initial=0)))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    offset = np.arange(width, dtype=np.int64)
+    mask = offset[None, :] < lengths[:, None]
+    rows = np.where(mask, starts[:, None] + offset[None, :], 0)
+    segment = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    slot = segment * width + (np.arange(int(lengths.sum()), dtype=np.int64) - starts[segment])
+    return rows, mask, slot
+
+
 def export_inputs(batch: PackedBatch, cfg: Moon3Config, vision: bool = True) -> dict[str, np.ndarray]:
     """The graph inputs (see the module docstring) of a packed batch, as numpy arrays.
 
@@ -220,10 +303,13 @@ def export_inputs(batch: PackedBatch, cfg: Moon3Config, vision: bool = True) -> 
     input_ids = batch.input_ids.cpu().numpy().astype(np.int64)
     title_mask = np.zeros(input_ids.shape[0], dtype=bool)
     title_mask[batch.title_index.cpu().numpy()] = True
+    item_tokens, item_mask, token_slot = segment_slots(lengths)
     out = {
         "input_ids": input_ids,
         "position_ids": batch.position_ids.cpu().numpy().astype(np.int64),
-        "token_item": np.repeat(np.arange(len(lengths), dtype=np.int64), lengths),
+        "token_slot": token_slot,
+        "item_tokens": item_tokens,
+        "item_mask": item_mask,
         "title_mask": title_mask,
         "pool_index": batch.pool_index.cpu().numpy().astype(np.int64),
     }
@@ -248,8 +334,11 @@ def export_inputs(batch: PackedBatch, cfg: Moon3Config, vision: bool = True) -> 
     n_merged = int(n_patches.sum()) // merge**2 if has_pixels else 0
     if n_image_tokens != n_merged:
         raise ValueError(f"{n_image_tokens} <|image_pad|> tokens but {n_merged} merged image tokens")
+    image_patches, image_mask, patch_slot = segment_slots(n_patches)
     out["pixel_values"] = pixels
-    out["patch_image"] = np.repeat(np.arange(len(grid), dtype=np.int64), n_patches)
+    out["patch_slot"] = patch_slot
+    out["image_patches"] = image_patches
+    out["image_mask"] = image_mask
     out["patch_pos"] = vision_positions(torch.from_numpy(grid), merge).numpy().astype(np.int64)
     return out
 

@@ -98,7 +98,7 @@ class PluginMoon3(OnnxMoon3):
         scale = torch.tanh(fire.alpha[slot:slot + 1].float())
         return plugin_op("FireInject", h, rows, r_live, fire.up[slot], scale, layer=int(layer))
 
-    def _fusion(self, e, raw, image_mask, title_mask):
+    def _fusion(self, e, raw, is_image, title_mask, item_tokens, item_mask):
         """MHMF in the absorbed form (as `TritonBackend.fusion`) with FusionScores/FusionPool nodes."""
         fusion = self.model.fusion
         n_heads, d_f, d = fusion.num_heads, fusion.head_dim, e.shape[1]
@@ -108,9 +108,9 @@ class PluginMoon3(OnnxMoon3):
         gate_logits = (e @ w["gate.weight"].t() + w["gate.bias"]).view(-1, n_heads, len(fusion.MODALITIES))
         x = raw.float()
         packed = []
-        for mask in (image_mask, title_mask):  # (B, T): each item's tokens of the modality
-            order, _ = stable_partition(mask.any(0))
-            counts = mask.to(torch.int64).sum(-1)
+        for mask in (is_image, title_mask):  # (T,): the modality's tokens, item after item
+            order, _ = stable_partition(mask)
+            counts = (mask[item_tokens] & item_mask).to(torch.int64).sum(-1)  # per item
             cu = torch.cat([torch.zeros_like(counts[:1]), counts.cumsum(0)]).to(torch.int32)
             packed.append((x[order], cu))
         (x_img, cu_img), (x_txt, cu_txt) = packed

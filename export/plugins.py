@@ -25,7 +25,7 @@ Why these inputs (the standard graph has masks, the kernels want varlen offsets)
 - x_img / x_txt are the raw tokens of each modality packed item after item, built in the
   graph by a stable partition (ScatterElements with a permutation of 0..T-1, no NonZero),
   so they keep T rows: item b owns rows cu[b]:cu[b+1] and rows past cu[B] are never read.
-  cu_img / cu_txt are per-item token counts (from the (B, T) modality masks), cumulated.
+  cu_img / cu_txt are per-item token counts (the modality masks over the item slots), cumulated.
 - q is the absorbed query q~ = W_k^T q / sqrt(d_f); the V projection, its bias and the
   output projection stay standard ops around FusionPool (DESIGN.md, MHMF).
 - FireInject is the functional form of ``fire_inject_``: hidden_out equals hidden with

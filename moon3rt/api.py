@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import threading
 import warnings
@@ -21,10 +22,10 @@ from .backends import create_backend
 from .batching import TokenBudget, pack
 from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, Moon3Config
-from .images import CLIP_MEAN, CLIP_STD, ImageError, gme_pre_resize, load_image, preprocess_image
+from .images import CLIP_MEAN, CLIP_STD, MAX_ASPECT_RATIO, ImageError, gme_pre_resize, load_image, preprocess_image
 from .items import Item, ItemError, to_item
 from .model import Moon3Model, matryoshka, random_model
-from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, load_tokenizer
+from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, TokenizerError, load_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_TOKENIZER = ASSETS / "moon3-tiny" / "tokenizer.json"
@@ -51,18 +52,27 @@ class EncodeResult:
     """Embeddings (n, dim) float32 in input order; a failed item's row is NaN.
 
     `reasoning`: in reasoning mode, the text each item generated before ``<emb>`` (None for
-    a failed item); None in direct mode.
+    a failed item); None in direct mode. `truncated`: indices of the items whose title was
+    cut to ``max_text_tokens`` (they are embedded, not failures), ascending.
     """
 
     embeddings: np.ndarray
     failures: list[ItemError] = field(default_factory=list)
     reasoning: list[str | None] | None = None
+    truncated: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> np.ndarray:
         mask = np.ones(len(self.embeddings), dtype=bool)
         mask[[f.index for f in self.failures]] = False
         return mask
+
+
+def positive_int(name: str, value: Any) -> int:
+    """`value` as an int (numpy integers too), or a ValueError naming the argument."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -118,7 +128,9 @@ class Encoder:
     def prepare(self, obj: Any, index: int = 0, truncate: bool = True, reasoning: bool = False) -> PreparedItem:
         """Validate, decode, resize, patchify and tokenise one item (raises `ItemError`).
 
-        reasoning: build reasoning mode's prompt (the prefix generation continues).
+        reasoning: build reasoning mode's prompt (the prefix generation continues). A title
+        longer than ``max_text_tokens`` is cut (``truncate=True``, the result's `truncated`
+        is set; `encode` warns once per call) or refused.
         """
         item = to_item(obj, index)
         cfg, v = self.config, self.config.vision
@@ -126,7 +138,8 @@ class Encoder:
         for j, source in enumerate(item.images):
             try:
                 gme = cfg.flavour == "gme"  # GME's own code drops alpha before its processor
-                image = load_image(source, target_pixels=cfg.max_pixels, composite_alpha=not gme)
+                image = load_image(source, target_pixels=cfg.max_pixels, composite_alpha=not gme,
+                                   max_aspect_ratio=None if gme else MAX_ASPECT_RATIO)
                 if gme:
                     image = gme_pre_resize(image)
                 images.append(preprocess_image(
@@ -141,8 +154,6 @@ class Encoder:
             prepared = self.prompt.build(item.text, images, truncate=truncate, reasoning=reasoning)
         except TextTooLongError as err:
             raise ItemError(index, str(err)) from None
-        if prepared.truncated:
-            warnings.warn(f"item {index}: title truncated to max_text_tokens={cfg.max_text_tokens}", stacklevel=4)
         return prepared
 
     # ------------------------------------------------------------------------ encode
@@ -167,9 +178,9 @@ class Encoder:
         """
         if return_reasoning and not (self.reasoning if reasoning is None else reasoning):
             raise ValueError("return_reasoning=True needs reasoning mode: pass reasoning=True")
-        result = self.encode_with_report(items, batch_size, max_batch_tokens, dim, normalize,
-                                         show_progress, on_error, truncate, num_workers,
-                                         reasoning=reasoning, max_reasoning_tokens=max_reasoning_tokens)
+        result = self._encode(items, batch_size, max_batch_tokens, dim, normalize, show_progress, on_error,
+                              truncate, num_workers, reasoning, max_reasoning_tokens)
+        self._warn_truncated(result.truncated)
         if result.failures:
             warnings.warn(f"{len(result.failures)} item(s) skipped: "
                           + "; ".join(str(f) for f in result.failures[:5]), stacklevel=2)
@@ -180,16 +191,37 @@ class Encoder:
                            on_error: str = "skip", truncate: bool = True,
                            num_workers: int | None = None, *, reasoning: bool | None = None,
                            max_reasoning_tokens: int | None = None) -> EncodeResult:
-        """`encode`, returning the embeddings with the failures (and reasoning texts) instead of warning."""
+        """`encode`, returning the embeddings with the failures (and reasoning texts, and the
+        indices of truncated titles) instead of warning about failures; truncated titles
+        still give one warning per call."""
+        result = self._encode(items, batch_size, max_batch_tokens, dim, normalize, show_progress, on_error,
+                              truncate, num_workers, reasoning, max_reasoning_tokens)
+        self._warn_truncated(result.truncated)
+        return result
+
+    def _warn_truncated(self, truncated: list[int]) -> None:
+        if truncated:  # one line per call, however many items: stacklevel 3 names the caller of encode*
+            shown = ", ".join(map(str, truncated[:10])) + (", ..." if len(truncated) > 10 else "")
+            warnings.warn(f"{len(truncated)} title(s) truncated to max_text_tokens={self.config.max_text_tokens} "
+                          f"(items {shown})", stacklevel=3)
+
+    def _encode(self, items, batch_size, max_batch_tokens, dim, normalize, show_progress, on_error, truncate,
+                num_workers, reasoning, max_reasoning_tokens) -> EncodeResult:
         reasoning = self.reasoning if reasoning is None else bool(reasoning)
+        if isinstance(max_reasoning_tokens, numbers.Integral) and not isinstance(max_reasoning_tokens, bool):
+            max_reasoning_tokens = int(max_reasoning_tokens)  # numpy integers too
         plan = self.reasoning_plan(max_reasoning_tokens) if reasoning else None
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim <= self.dim):
-            raise ValueError(f"dim={dim!r} is out of range: this model's vectors have {self.dim} dimensions")
-        for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if dim is not None:
+            if not (isinstance(dim, numbers.Integral) and not isinstance(dim, bool) and 0 < dim <= self.dim):
+                raise ValueError(f"dim={dim!r} is out of range: this model's vectors have {self.dim} dimensions; "
+                                 f"give an integer from 1 to {self.dim}")
+            dim = int(dim)  # numpy integers too
+        batch_size = positive_int("batch_size", batch_size)
+        max_batch_tokens = positive_int("max_batch_tokens", max_batch_tokens)
+        if num_workers is not None:
+            num_workers = positive_int("num_workers", num_workers)
         if isinstance(items, (str, bytes, bytearray, memoryview, dict, np.ndarray, Image.Image, os.PathLike, Item)) \
                 or not isinstance(items, Iterable):
             raise TypeError("encode() takes a list of items; wrap a single item in a list")
@@ -198,10 +230,11 @@ class Encoder:
         texts: list[str | None] | None = [None] * len(items) if plan is not None else None
         room = plan.max_tokens + len(plan.close_ids) if plan is not None else 0  # cache slots to reason in
         failures: dict[int, ItemError] = {}
-        workers = max(1, num_workers if num_workers is not None else min(4, os.cpu_count() or 1))
+        workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
         bar = tqdm(total=len(items), disable=not show_progress, unit="item", desc="encode")
         budget = TokenBudget(max_batch_tokens, batch_size)
         prepared: dict[int, PreparedItem] = {}
+        truncated: list[int] = []
 
         def run(group: list[int]) -> None:
             if group and not (failures and on_error == "raise"):
@@ -221,12 +254,17 @@ class Encoder:
                 pending[i] = None
                 if i + ahead < len(items):
                     pending.append(submit(i + ahead))
+                if not isinstance(result, ItemError) and plan is not None:
+                    problem = self._reasoning_positions_problem(result, plan)
+                    result = ItemError(i, problem) if problem else result
                 if isinstance(result, ItemError):
                     failures[i] = result
                     bar.update(1)
                 elif failures and on_error == "raise":
                     bar.update(1)  # keep validating, so the error names every bad item, but embed nothing
                 else:
+                    if result.truncated:
+                        truncated.append(i)
                     prepared[i] = result
                     done = budget.add(i, result.cost + room)
                     if done:
@@ -235,14 +273,17 @@ class Encoder:
         bar.close()
         if failures and on_error == "raise":
             raise EncodeError(sorted(failures.values(), key=lambda f: f.index))
-        return EncodeResult(out, sorted(failures.values(), key=lambda f: f.index), texts)
+        truncated = [i for i in truncated if i not in failures]  # a failed item is reported as a failure only
+        return EncodeResult(out, sorted(failures.values(), key=lambda f: f.index), texts, truncated)
 
     def reasoning_plan(self, max_tokens: int | None = None) -> ReasoningPlan:
         """Reasoning mode's token rules with a budget of `max_tokens` (default: the config's).
 
         Raises ValueError naming every reason this model cannot reason (no <emb> pooling, an
         end marker the tokenizer lacks, untied embeddings without ``lm_head.weight``, a
-        backend without a decode path).
+        backend without a decode path), or why the budget cannot fit: the shortest prompt
+        plus the budget plus the closing tokens must fit ``max_position_embeddings``, and one
+        such item's KV cache must fit the device's free memory.
         """
         from .generate import decoder_for  # imported on first use: direct mode never needs it
 
@@ -258,13 +299,45 @@ class Encoder:
         if problems:
             raise ValueError("this model cannot run reasoning mode: " + "; ".join(problems))
         plan = self.prompt.reasoning_plan()
-        return plan if max_tokens is None else plan.with_budget(max_tokens)
+        plan = plan if max_tokens is None else plan.with_budget(max_tokens)
+        self._check_reasoning_budget(plan)
+        return plan
+
+    def _check_reasoning_budget(self, plan: ReasoningPlan) -> None:
+        from .generate import KVCache
+
+        limit = self.config.text.max_position_embeddings
+        shortest = self.prompt.shortest_prompt(reasoning=True)
+        closing = len(plan.close_ids)
+        if shortest + plan.max_tokens + closing > limit:
+            raise ValueError(
+                f"max_reasoning_tokens={plan.max_tokens} cannot fit this model's positions: the shortest "
+                f"reasoning prompt takes {shortest} and the closing tokens {closing}, so "
+                f"max_position_embeddings={limit} leaves at most {limit - shortest - closing} tokens to reason")
+        per_position = KVCache.bytes_per_position(self.config.text, self.dtype)
+        need = (shortest + plan.max_tokens + closing) * per_position
+        free = free_memory(self.device)
+        if free is not None and need > free:
+            raise ValueError(
+                f"max_reasoning_tokens={plan.max_tokens} cannot fit in memory: one item's KV cache needs "
+                f"{need / 2**30:.2f} GiB ({per_position} bytes a position), more than the {free / 2**30:.2f} GiB "
+                f"free on {self.device}; at most {max(0, free // per_position - shortest - closing)} tokens fit")
+
+    def _reasoning_positions_problem(self, prepared: PreparedItem, plan: ReasoningPlan) -> str | None:
+        """Why this prompt cannot reason with the plan's budget within the model's positions."""
+        limit = self.config.text.max_position_embeddings
+        used = int(prepared.position_ids.max()) + 1
+        need = used + plan.max_tokens + len(plan.close_ids)
+        if need <= limit:
+            return None
+        return (f"the prompt takes {used} positions; with max_reasoning_tokens={plan.max_tokens} and "
+                f"{len(plan.close_ids)} closing tokens it needs {need}, more than max_position_embeddings={limit}")
 
     def _try_prepare(self, obj: Any, index: int, truncate: bool, reasoning: bool = False) -> PreparedItem | ItemError:
         try:
             return self.prepare(obj, index, truncate, reasoning)
         except ItemError as err:
-            return err
+            return err.detached()
 
     def _embed_batch(self, indices, prepared, plan, texts) -> torch.Tensor:
         batch = pack([prepared[i] for i in indices], self.config.vision.spatial_merge_size,
@@ -305,6 +378,21 @@ class Encoder:
                 out[i] = rows[row]
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (CUDA: the driver's free memory; CPU: the
+    kernel's MemAvailable), or None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # ---------------------------------------------------------------------------- loading
 def _preprocessor_overrides(directory: Path, cfg: Moon3Config, raw: dict) -> tuple[tuple, tuple]:
     """Pixel limits and mean/std from preprocessor_config.json, unless config.json fixes them."""
@@ -312,15 +400,31 @@ def _preprocessor_overrides(directory: Path, cfg: Moon3Config, raw: dict) -> tup
     path = directory / "preprocessor_config.json"
     if not path.exists():
         return mean, std
-    pre = json.loads(path.read_text())
-    mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+    try:
+        pre = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(pre, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(pre).__name__}")
+    mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+    for key, value in (("image_mean", mean), ("image_std", std)):
+        if not (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise CheckpointError(f"{path}: {key} must be a list of 3 numbers (R, G, B), got {value!r}")
+    if not all(v > 0 for v in std):
+        raise CheckpointError(f"{path}: image_std must be positive, got {std!r}")
     runtime = raw.get("moon3rt") or {}
     size = pre.get("size") or {}
-    if cfg.flavour != "gme" and "min_pixels" not in runtime:
-        cfg.min_pixels = int(pre.get("min_pixels", size.get("shortest_edge", cfg.min_pixels)))
-    if cfg.flavour != "gme" and "max_pixels" not in runtime:
-        cfg.max_pixels = int(pre.get("max_pixels", size.get("longest_edge", cfg.max_pixels)))
-    return mean, std
+    if not isinstance(size, dict):
+        raise CheckpointError(f"{path}: size must be an object (shortest_edge, longest_edge), got {size!r}")
+    for key, fallback in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if cfg.flavour == "gme" or key in runtime:
+            continue
+        value = pre.get(key, size.get(fallback, getattr(cfg, key)))
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"{path}: {key} must be a positive integer, got {value!r}")
+        setattr(cfg, key, value)
+    return tuple(mean), tuple(std)
 
 
 def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | None = None,
@@ -353,8 +457,11 @@ def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | N
     raw = json.loads((directory / "config.json").read_text())
     mean, std = _preprocessor_overrides(directory, net.cfg, raw)
     net.cfg.validate()
-    return Encoder(net, load_tokenizer(directory / "tokenizer.json"), device, dtype, backend, name, mean, std,
-                   reasoning=reasoning)
+    try:  # the tokenizer must suit the config: found here, not as a failure of every item later
+        return Encoder(net, load_tokenizer(directory / "tokenizer.json"), device, dtype, backend, name, mean, std,
+                       reasoning=reasoning)
+    except TokenizerError as err:
+        raise CheckpointError(f"{directory / 'tokenizer.json'}: {err}") from None
 
 
 _CACHE: dict[tuple, Encoder] = {}

@@ -1,4 +1,5 @@
-"""Batching by token budget and packing into a `PackedBatch` (varlen, no padding)."""
+"""Batching by token budget, packing into a `PackedBatch` (varlen, no padding), and length
+buckets for backends that run attention in a padded per-segment layout."""
 
 from __future__ import annotations
 
@@ -80,4 +81,89 @@ def pack(items: Sequence[PreparedItem], image_merge: int = 2, pin_memory: bool =
         cu_images=_offsets(merged),
         pixel_values=pixel_values,
         image_grid_thw=grid_thw,
+    )
+
+
+# ------------------------------------------------------------------ length buckets
+def segment_lengths(batch: PackedBatch, merge: int) -> tuple[list[int], list[list[int]]]:
+    """(decoder tokens of each item, patches of each of its images) of a packed batch."""
+    cu, cu_img = batch.cu_seqlens.tolist(), batch.cu_images.tolist()
+    tokens = [cu[b + 1] - cu[b] for b in range(batch.num_items)]
+    images: list[list[int]] = [[] for _ in tokens]
+    if batch.image_grid_thw is not None and batch.image_grid_thw.numel():
+        grid = batch.image_grid_thw.cpu().numpy()
+        patches = grid.prod(axis=1)
+        ends = np.cumsum(patches // merge**2)  # merged tokens up to the end of each image
+        owner = np.searchsorted(np.asarray(cu_img[1:]), ends, side="left")  # item whose tokens hold image k
+        for k, b in enumerate(owner.tolist()):
+            images[b].append(int(patches[k]))
+    return tokens, images
+
+
+def padded_cost(tokens: Sequence[int], images: Sequence[Sequence[int]]) -> int:
+    """Attention cells of a group in the padded per-segment layout: B items of L slots
+    (L the longest item) plus N images of S slots (S the largest image), B L^2 + N S^2."""
+    patches = [p for per_item in images for p in per_item]
+    return len(tokens) * max(tokens, default=0) ** 2 + len(patches) * max(patches, default=0) ** 2
+
+
+def attention_buckets(tokens: Sequence[int], images: Sequence[Sequence[int]], max_cells: int,
+                      max_padding: float = 1.5) -> list[list[int]]:
+    """Item indices grouped by length for a padded per-segment attention layout.
+
+    Items are sorted by their longest segment (decoder tokens, then largest image) and
+    cut into runs, so one long item among short ones does not pad the rest: a run stays
+    within `max_cells` attention cells (`padded_cost`) and within `max_padding` times the
+    cells its segments need unpadded (sum of L^2 and S^2). An item over the budget alone
+    forms a group by itself. Each group lists its items in their original order.
+    """
+    if max_cells <= 0:
+        raise ValueError(f"max_cells must be positive, got {max_cells}")
+    order = sorted(range(len(tokens)), key=lambda b: (tokens[b], max(images[b], default=0)))
+    groups: list[list[int]] = []
+    group: list[int] = []
+    exact = 0
+    for b in order:
+        need = tokens[b] ** 2 + sum(p * p for p in images[b])
+        trial = group + [b]
+        cost = padded_cost([tokens[i] for i in trial], [images[i] for i in trial])
+        if group and (cost > max_cells or cost > max_padding * (exact + need)):
+            groups.append(sorted(group))
+            group, exact = [], 0
+        group.append(b)
+        exact += need
+    if group:
+        groups.append(sorted(group))
+    return groups
+
+
+def take_items(batch: PackedBatch, indices: Sequence[int], merge: int) -> PackedBatch:
+    """The items `indices` (in that order) of a packed batch as a batch of their own."""
+    cu, cu_t, cu_i = batch.cu_seqlens.tolist(), batch.cu_titles.tolist(), batch.cu_images.tolist()
+    lengths = [cu[b + 1] - cu[b] for b in indices]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    tokens = torch.from_numpy(np.concatenate([np.arange(cu[b], cu[b + 1]) for b in indices]).astype(np.int64))
+    titles = [batch.title_index[cu_t[b]:cu_t[b + 1]] - cu[b] + int(s) for b, s in zip(indices, starts)]
+    pixel_values = grid = None
+    if batch.pixel_values is not None and batch.image_grid_thw is not None and batch.image_grid_thw.numel():
+        g = batch.image_grid_thw.cpu().numpy()
+        merged = np.concatenate([[0], np.cumsum(g.prod(axis=1) // merge**2)])
+        patches = np.concatenate([[0], np.cumsum(g.prod(axis=1))])
+        spans = [np.searchsorted(merged, [cu_i[b], cu_i[b + 1]]) for b in indices]  # images of each item
+        images = np.concatenate([np.arange(lo, hi) for lo, hi in spans]).astype(np.int64)
+        if images.size:
+            rows = np.concatenate([np.arange(patches[k], patches[k + 1]) for k in images]).astype(np.int64)
+            pixel_values = batch.pixel_values[torch.from_numpy(rows).to(batch.pixel_values.device)]
+            grid = batch.image_grid_thw[torch.from_numpy(images).to(batch.image_grid_thw.device)]
+    pool = batch.pool_index.cpu()
+    return PackedBatch(
+        input_ids=batch.input_ids[tokens.to(batch.input_ids.device)],
+        position_ids=batch.position_ids[:, tokens.to(batch.position_ids.device)],
+        cu_seqlens=_offsets(lengths),
+        pool_index=torch.tensor([int(pool[b]) - cu[b] + int(s) for b, s in zip(indices, starts)], dtype=torch.int64),
+        title_index=torch.cat(titles) if titles else batch.title_index[:0],
+        cu_titles=_offsets(cu_t[b + 1] - cu_t[b] for b in indices),
+        cu_images=_offsets(cu_i[b + 1] - cu_i[b] for b in indices),
+        pixel_values=pixel_values,
+        image_grid_thw=grid,
     )

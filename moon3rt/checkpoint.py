@@ -12,17 +12,20 @@ Names are mapped to ours by prefix, so all of these load:
 skipped; with untied ones it is loaded as ``Moon3Model.lm_head`` when present, for reasoning
 mode. Everything else must match the model built from config.json exactly: missing,
 unexpected and mis-shaped tensors are reported together, at load time, in one
-`CheckpointError`.
+`CheckpointError`; so are weight files that are not safetensors (empty, truncated,
+garbage), tensors of an integer dtype where the model has floating-point weights, and an
+index whose weight_map names a shard that does not hold the tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Moon3Config
@@ -34,7 +37,20 @@ LM_HEAD = "lm_head.weight"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that does not match its own config.json."""
+    """A checkpoint directory that cannot be loaded: the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """`safe_open` on the CPU, with a file that is not safetensors as a CheckpointError naming it."""
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; {err}); "
+                              "the file is empty, truncated or not safetensors") from None
+    with handle as f:
+        yield f
 
 
 def canonical_name(name: str) -> str:
@@ -59,6 +75,8 @@ def tensor_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (directory / f).exists()]
         if missing:
@@ -74,20 +92,57 @@ def tensor_files(directory: Path) -> list[Path]:
 
 def tensor_index(directory: str | os.PathLike) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     """Our name -> (file, checkpoint name, shape) of every tensor, read from the file headers only."""
-    directory = Path(directory)
-    index: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    return {ours: entry[:3] for ours, entry in _tensor_entries(Path(directory)).items()}
+
+
+def _tensor_entries(directory: Path) -> dict[str, tuple[Path, str, tuple[int, ...], str]]:
+    """`tensor_index` plus each tensor's safetensors dtype ("F32", "BF16", "I32", ...)."""
+    index: dict[str, tuple[Path, str, tuple[int, ...], str]] = {}
     duplicates = []
     for file in tensor_files(directory):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
+        with open_safetensors(file) as f:
+            for name in f.keys():  # noqa: SIM118 - a safe_open handle is no dict
                 ours = canonical_name(name)
                 if ours in index:  # two layouts in one checkpoint: which one is meant is unknowable
                     duplicates.append(f"{index[ours][1]} and {name}")
                     continue
-                index[ours] = (file, name, tuple(f.get_slice(name).get_shape()))
+                meta = f.get_slice(name)
+                index[ours] = (file, name, tuple(meta.get_shape()), meta.get_dtype())
     if duplicates:
         raise CheckpointError(f"{directory}: tensors stored twice under different names: {duplicates}")
+    _check_weight_map(directory, index)
     return index
+
+
+def _check_weight_map(directory: Path, index: dict[str, tuple]) -> None:
+    """Every tensor the index maps must be in the shard it names: a stale index would
+    otherwise show up as 'missing tensors', as if config.json were wrong."""
+    path = directory / INDEX_FILE
+    if not path.exists():
+        return
+    weight_map = json.loads(path.read_text())["weight_map"]
+    held = {entry[1]: entry[0].name for entry in index.values()}
+    wrong = [f"{name} (index: {shard}; " + (f"found in {held[name]})" if name in held else "in none of its shards)")
+             for name, shard in sorted(weight_map.items()) if held.get(name) != shard]
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} tensor(s) are not in the shard the index names: "
+                              + ", ".join(wrong[:10]) + (", ..." if len(wrong) > 10 else ""))
+
+
+def _is_float(safetensors_dtype: str) -> bool:
+    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"  # F16, F32, F64, F8_*, BF16
+
+
+def check_dtypes(model: torch.nn.Module, entries: dict[str, tuple], where: str) -> None:
+    """The model's floating-point weights must be floating point in the checkpoint too (an
+    int tensor cannot become a parameter)."""
+    expected = model.state_dict()
+    wrong = [f"{entries[name][1]} in {entries[name][0].name}: {entries[name][3]}"
+             for name in sorted(entries)
+             if name in expected and expected[name].is_floating_point() and not _is_float(entries[name][3])]
+    if wrong:
+        raise CheckpointError(f"{where}: tensor(s) of a non-floating-point dtype where the model has "
+                              f"floating-point weights (F16, BF16, F32 expected): {wrong}")
 
 
 def read_tensors(index: dict[str, tuple[Path, str, tuple[int, ...]]], dtype: torch.dtype | None = None,
@@ -98,7 +153,7 @@ def read_tensors(index: dict[str, tuple[Path, str, tuple[int, ...]]], dtype: tor
         by_file.setdefault(file, []).append((ours, name))
     state: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for ours, name in names:
                 tensor = f.get_tensor(name)
                 cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
@@ -141,12 +196,14 @@ def load_model(
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json (is this a checkpoint directory?)")
     cfg = Moon3Config.from_json_file(directory / "config.json", flavour=flavour)
-    index = tensor_index(directory)
+    entries = _tensor_entries(directory)
     if cfg.text.tie_word_embeddings:
-        index.pop(LM_HEAD, None)  # tied: the LM head is embed_tokens.weight
+        entries.pop(LM_HEAD, None)  # tied: the LM head is embed_tokens.weight
     with torch.device("meta"):
-        model = Moon3Model(cfg, lm_head=LM_HEAD in index)
-    check_shapes(model, {name: entry[2] for name, entry in index.items()}, str(directory))
+        model = Moon3Model(cfg, lm_head=LM_HEAD in entries)
+    check_shapes(model, {name: entry[2] for name, entry in entries.items()}, str(directory))
+    check_dtypes(model, entries, str(directory))
+    index = {ours: entry[:3] for ours, entry in entries.items()}
     model.load_state_dict(read_tensors(index, dtype=dtype, device=device), assign=True)
     return model.eval()
 

@@ -8,6 +8,8 @@ transformers-5 layout, so transformers itself can read the backbone part back.
 Named presets (`Moon3Config.from_name`):
 
 - ``moon3-tiny``: a few narrow layers, for tests and the demo (random weights).
+- ``moon3-small``: a mid-size model (4 + 4 layers, width 256, 336x336 images) for CPU
+  benchmarks that tiny shapes would flatter (random weights).
 - ``moon3-2b``: Qwen2-VL-2B dimensions plus MOON3 heads, for benchmarks (random weights).
 - ``qwen2-vl-2b``: the plain Qwen2-VL-2B backbone, GME-style pooling (random weights).
 """
@@ -525,6 +527,21 @@ PRESETS: dict[str, Moon3Config] = {
             projection_dim=48, matryoshka_dims=[48, 32, 16],
         ),
         flavour="moon3", min_pixels=56 * 56, max_pixels=28 * 28 * 64, max_text_tokens=128,
+        **_tiny_ids(),
+    ),
+    "moon3-small": Moon3Config(
+        vision=VisionConfig(depth=4, embed_dim=128, hidden_size=256, num_heads=4),
+        text=TextConfig(
+            vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=2, rope_theta=10000.0, mrope_section=[4, 6, 6],
+            max_position_embeddings=4096, tie_word_embeddings=True,
+        ),
+        moon3=Moon3HeadConfig(
+            embed_token_id=TINY_SPECIAL_IDS["<emb>"], pooling="emb_token",
+            fire=FireConfig(layers=[0, 2], rank=16), fusion=FusionConfig(num_heads=4, head_dim=32),
+            projection_dim=128, matryoshka_dims=[128, 64, 32],
+        ),
+        flavour="moon3", min_pixels=56 * 56, max_pixels=28 * 28 * 144, max_text_tokens=128,
         **_tiny_ids(),
     ),
     "moon3-2b": Moon3Config(

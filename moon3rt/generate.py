@@ -61,6 +61,11 @@ class KVCache:
     k: torch.Tensor  # (layers, max_items, max_len, Hk, D), rotated keys
     v: torch.Tensor  # (layers, max_items, max_len, Hk, D)
 
+    @staticmethod
+    def bytes_per_position(cfg: TextConfig, dtype: torch.dtype) -> int:
+        """Bytes of k and v for one position of one item, over all layers."""
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+
     @classmethod
     def allocate(cls, cfg: TextConfig, max_items: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str) -> "KVCache":

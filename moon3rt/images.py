@@ -25,12 +25,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 MIN_IMAGE_SIDE = 2
-# Above PIL's own process-wide limit (about 179M pixels) so that a 20000 x 20000 photo
-# (400M pixels, 1.2 GB as RGB) is accepted.
+# The one pixel limit, for every format and every kind of source: an image (encoded file,
+# PIL image or array) with more pixels is refused before it is decoded. It is above PIL's
+# own process-wide limit (MAX_IMAGE_PIXELS, about 179 M pixels for an error), which
+# load_image does not apply, so that a 20000 x 20000 photo (400 M pixels) is accepted.
 DEFAULT_MAX_IMAGE_PIXELS = 500_000_000
 
 # Errors PIL and its plugins raise for corrupt, truncated or unsupported data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+# A file's first bytes, enough for every PIL plugin's signature check.
+_PREFIX_BYTES = 16
 
 
 class ImageError(ValueError):
@@ -40,32 +44,66 @@ class ImageError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Decoding
 
+# Several PIL plugins (TIFF, GIF, ICO, MPO, ...) check PIL's process-wide MAX_IMAGE_PIXELS
+# again while they read frames or tiles, so a 225 M pixel TIFF would be refused below our
+# documented limit while the same PNG is accepted. Inside load_image, after its own check
+# against the header's size, that second check is skipped for this thread only; every other
+# caller of PIL, and other threads, keep PIL's limit exactly as configured.
+_OWN_LIMIT = threading.local()
+_pil_bomb_check = Image._decompression_bomb_check
 
-def _open_header(data: bytes) -> Image.Image:
-    """Identify the format and parse the header only (PIL opens lazily).
+
+def _bomb_check(size, *args, **kwargs):
+    if getattr(_OWN_LIMIT, "checked", None) is not None:
+        _check_pixels(*size, _OWN_LIMIT.checked)  # a frame larger than the header said is still refused
+        return None
+    return _pil_bomb_check(size, *args, **kwargs)
+
+
+Image._decompression_bomb_check = _bomb_check
+
+
+@contextlib.contextmanager
+def _own_pixel_limit(max_image_pixels: int):
+    previous = getattr(_OWN_LIMIT, "checked", None)
+    _OWN_LIMIT.checked = max_image_pixels
+    try:
+        yield
+    finally:
+        _OWN_LIMIT.checked = previous
+
+
+def _open_header(fp) -> Image.Image:
+    """Identify the format from a binary file object and parse the header only (PIL opens
+    lazily, reading pixel data at `load`), so a non-image is refused after its first bytes.
 
     This is `PIL.Image.open` without its process-wide MAX_IMAGE_PIXELS check, so that
     `load_image` can apply its own per-call limit without touching PIL's global (which
-    would race with other threads). Formats whose plugins check again while reading
-    frames or tiles (GIF, TIFF, ICO) still obey PIL's global limit as well.
+    would race with other threads).
     """
-    fp = io.BytesIO(data)
-    prefix = data[:16]
+    prefix = fp.read(_PREFIX_BYTES)
+    if not prefix:
+        raise ImageError("empty image data (0 bytes)")
     tried = set()
     for load_plugins in (Image.preinit, Image.init):  # common formats first, as PIL does
         load_plugins()
         for fmt in [f for f in Image.ID if f not in tried]:
             tried.add(fmt)
             factory, accept = Image.OPEN[fmt]
-            accepted = accept(prefix) if accept else True
+            try:
+                accepted = accept(prefix) if accept else True
+            except _DECODE_ERRORS:  # a signature check that cannot read a prefix this short
+                continue
             if not accepted or isinstance(accepted, str):  # a str is a reason for refusal
                 continue
             fp.seek(0)
             try:
                 return factory(fp, None)
-            except (SyntaxError, IndexError, TypeError, struct.error):
+            except (SyntaxError, IndexError, TypeError, struct.error, EOFError):
                 continue  # not this format after all; PIL.Image.open moves on the same way
-    raise ImageError("not a recognised image format (corrupt or unsupported data)")
+    shown = repr(prefix[:8]) + ("..." if len(prefix) > 8 else "")
+    raise ImageError(f"not a recognised image format (corrupt or unsupported data, or not an image: "
+                     f"it starts {shown})")
 
 
 def _check_pixels(width: int, height: int, max_image_pixels: int) -> None:
@@ -78,9 +116,20 @@ def _check_pixels(width: int, height: int, max_image_pixels: int) -> None:
         )
 
 
+def _check_aspect_ratio(width: int, height: int, max_aspect_ratio: float | None) -> None:
+    if max_aspect_ratio is not None and width > 0 and height > 0:
+        ratio = max(height, width) / min(height, width)
+        if ratio > max_aspect_ratio:
+            raise ImageError(f"aspect ratio {ratio:.1f} ({width}x{height}) is more than {max_aspect_ratio}")
+
+
 @contextlib.contextmanager
 def _decode_errors():
-    """PIL's many exception types for bad data, as one ImageError with PIL's reason."""
+    """PIL's many exception types for bad data, as one ImageError with PIL's reason.
+
+    Its __context__ still holds PIL's error and that traceback's frames (with the file's
+    data): `ItemError.detached` drops them before an error is kept in a report.
+    """
     try:
         yield
     except Image.DecompressionBombError as e:
@@ -91,38 +140,91 @@ def _decode_errors():
         raise ImageError(f"cannot decode image: {e}") from None
 
 
-# Decoding a huge non-JPEG file (PNG, TIFF, ...) needs its full size in memory once; one
-# such decode at a time (across encode's worker threads) keeps the peak to one image.
+class PixelBudget:
+    """A process-wide counting semaphore in pixels for the decodes of huge images.
+
+    A decode takes its image's pixels from the budget and waits while they do not fit;
+    an image larger than the whole budget runs alone. With encode's worker threads, the
+    full-size pixels held at once stay within the budget (plus one image), whatever the
+    number of threads.
+    """
+
+    def __init__(self, pixels: int):
+        self.pixels, self.in_use = pixels, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self, pixels: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.pixels)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
+
+
+# A non-JPEG file (PNG, TIFF, ...) past LARGE_DECODE_PIXELS is decoded at full size once
+# (its format has no reduced decode in PIL), box-reduced at once and the full image freed.
+# LARGE_DECODE_BUDGET bounds how many such pixels are decoded at once across threads: one
+# 20000 x 20000 RGB image (1.2 GB) at a time.
 LARGE_DECODE_PIXELS = 64_000_000
-_LARGE_DECODE = threading.BoundedSemaphore(1)
+LARGE_DECODE_BUDGET = PixelBudget(400_000_000)
 
 
-def _decode(data: bytes, max_image_pixels: int, target_pixels: int | None) -> Image.Image:
-    if not data:
-        raise ImageError("empty image data")
-    with _decode_errors():
-        img = _open_header(data)
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps a freed buffer in the arena of the
+    thread that freed it, so a huge decode in each of n worker threads would otherwise hold
+    n images' worth of memory after the images are gone."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS, Windows, musl
+    except (OSError, AttributeError):
+        return None
+
+
+def _decode(fp, max_image_pixels: int, target_pixels: int | None,
+            max_aspect_ratio: float | None = None) -> Image.Image:
+    """Decode an open binary file: header first (format, size, limits), pixels after."""
+    with _decode_errors(), _own_pixel_limit(max_image_pixels):
+        img = _open_header(fp)
         _check_pixels(*img.size, max_image_pixels)
+        _check_aspect_ratio(*img.size, max_aspect_ratio)  # the file's own size, before any reduced decode
         if target_pixels is not None and img.format == "JPEG":
             _draft_jpeg(img, target_pixels)
-        if img.size[0] * img.size[1] > LARGE_DECODE_PIXELS and img.format != "JPEG":
-            with _LARGE_DECODE:
-                img.load()
-                return _reduce_large(img, target_pixels)
+        pixels = img.size[0] * img.size[1]
+        if pixels > LARGE_DECODE_PIXELS and img.format != "JPEG" and target_pixels is not None:
+            with LARGE_DECODE_BUDGET.take(pixels):
+                try:
+                    img.load()
+                    small = _reduce_large(img, target_pixels)
+                finally:
+                    img.close()  # frees the full-size pixels now, not when the frame goes
+                    del img
+                    _release_freed_memory()
+            return small
         img.load()  # full decode now, so truncation is reported here, not later
     return img
 
 
-def _reduce_large(img: Image.Image, target_pixels: int | None) -> Image.Image:
+def _reduce_large(img: Image.Image, target_pixels: int) -> Image.Image:
     """Shrink a huge decoded image by an integer box factor, keeping at least 2x the
     target size per side (as the JPEG draft does), so that mode conversion, transparency
     and the final BICUBIC resize work on a small copy. Used only past LARGE_DECODE_PIXELS,
-    where the processor shrinks the image many times anyway."""
-    if target_pixels is None:
-        return img
+    where the processor shrinks the image many times anyway. Always a new image."""
     factor = int(math.sqrt(img.size[0] * img.size[1] / (4 * max(target_pixels, 1))))
     if factor < 2:
-        return img
+        return img.copy()
     if img.mode.startswith("I;16"):
         img = img.convert("I")  # keeps the 16-bit values, which _to_rgb scales later
     elif img.mode not in ("RGB", "RGBA", "L", "LA", "I", "F"):
@@ -198,42 +300,50 @@ def load_image(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     target_pixels: int | None = None,
     composite_alpha: bool = True,
+    max_aspect_ratio: float | None = None,
 ) -> Image.Image:
     """Decode `source` into an RGB PIL image with its EXIF orientation applied.
 
     source: a path (str or os.PathLike), the bytes of an encoded file (bytes, bytearray,
     memoryview), a PIL image, or a uint8 numpy array HxW (grey), HxWx3 (RGB) or HxWx4
-    (RGBA). An encoded image whose header claims more than `max_image_pixels` pixels is
-    refused before decoding. `target_pixels` (the processor's max_pixels) lets large
-    JPEGs decode at a reduced size; left at None, the decode is PIL's full one.
-    `composite_alpha`: composite transparency on white (transformers) or drop it (GME).
-    Truncated files are errors unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set.
+    (RGBA). An image with more than `max_image_pixels` pixels (for a file: as its header
+    claims, in any format) is refused before decoding. A file is read from its header on:
+    a non-image is refused after its first bytes. `target_pixels` (the processor's
+    max_pixels) lets large JPEGs decode at a reduced size and huge other files shrink
+    right after decoding; left at None, the decode is PIL's full one. `max_aspect_ratio`:
+    refuse a longer side more than this many times the shorter (checked on the file's
+    own size, before decoding). `composite_alpha`: composite transparency on white
+    (transformers) or drop it (GME). Truncated files are errors unless
+    PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set.
     """
     if isinstance(source, np.ndarray):
-        return _to_rgb(_from_array(source, max_image_pixels), composite_alpha)
+        image = _from_array(source, max_image_pixels)
+        _check_aspect_ratio(*image.size, max_aspect_ratio)
+        return _to_rgb(image, composite_alpha)
     if isinstance(source, Image.Image):
         _check_pixels(*source.size, max_image_pixels)
-        with _decode_errors():
+        _check_aspect_ratio(*source.size, max_aspect_ratio)
+        with _decode_errors(), _own_pixel_limit(max_image_pixels):
             source.load()
         # a transposed copy: the caller's image stays as is
         return _to_rgb(_transpose_by_exif(source, in_place=False), composite_alpha)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            f = open(path, "rb")  # noqa: SIM115 - closed below, once the pixels are decoded
         except FileNotFoundError:
             raise ImageError(f"file not found: {path!r}") from None
         except OSError as e:
             raise ImageError(f"cannot read {path!r}: {e.strerror or e}") from None
+        with f:
+            img = _decode(f, max_image_pixels, target_pixels, max_aspect_ratio)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
+        img = _decode(io.BytesIO(source), max_image_pixels, target_pixels, max_aspect_ratio)
     else:
         raise ImageError(
             f"unsupported image type {type(source).__name__}; expected a path, bytes, "
             "a PIL image or a uint8 numpy array"
         )
-    img = _decode(data, max_image_pixels, target_pixels)
     return _to_rgb(_transpose_by_exif(img, in_place=True), composite_alpha)
 
 

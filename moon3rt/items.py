@@ -22,6 +22,13 @@ class ItemError(ValueError):
         self.index = index
         self.reason = reason
 
+    def detached(self) -> "ItemError":
+        """This error without its traceback and exception chain, to keep in a report: their
+        frames would hold the item's data (a file's bytes, decoded pixels) as long as the
+        error lives. Returns self."""
+        self.__traceback__ = self.__context__ = self.__cause__ = None
+        return self
+
 
 @dataclass
 class Item:
@@ -67,6 +74,9 @@ def to_item(obj: Any, index: int) -> Item:
             images = obj["images"]
             if not isinstance(images, (list, tuple)):
                 raise ItemError(index, f"'images' must be a list, got {type(images).__name__}")
+        elif isinstance(obj.get("image"), (list, tuple)):
+            raise ItemError(index, f"'image' takes one image, got a {type(obj['image']).__name__} of "
+                                   f"{len(obj['image'])}; give several as 'images': [...]")
         elif obj.get("image") is not None:
             images = (obj["image"],)
         else:

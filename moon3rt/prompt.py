@@ -87,11 +87,15 @@ class ReasoningPlan:
         return dataclasses.replace(self, max_tokens=max_tokens)
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be read, or that does not suit the model's config."""
+
+
 def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on bad files
-        raise ValueError(f"cannot read tokenizer {path}: {err}") from None
+        raise TokenizerError(f"cannot read tokenizer {path}: {err}") from None
 
 
 class PromptBuilder:
@@ -103,26 +107,32 @@ class PromptBuilder:
         ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIALS}
         missing = [tok for tok, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing} that the prompt template needs")
+            raise TokenizerError(f"tokenizer lacks the special tokens {missing} that the prompt template needs")
+        # A special token that is only ordinary vocabulary (not an added token) is split by
+        # BPE inside the template, so no image placeholder would survive: refuse it here.
+        split = [tok for tok, i in ids.items() if tokenizer.encode(tok, add_special_tokens=False).ids != [i]]
+        if split:
+            raise TokenizerError(f"tokenizer does not keep {split} as single tokens (they must be added special "
+                             "tokens, as in Qwen2-VL's tokenizer.json); the prompt template needs them whole")
         for key, tok in (
             ("image_token_id", "<|image_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"),
             ("vision_end_token_id", "<|vision_end|>"),
         ):
             if getattr(cfg, key) != ids[tok]:
-                raise ValueError(
+                raise TokenizerError(
                     f"config {key}={getattr(cfg, key)} but the tokenizer gives {tok} the id {ids[tok]}"
                 )
         self.image_pad_id = ids["<|image_pad|>"]
         if tokenizer.get_vocab_size() > cfg.text.vocab_size:  # an id past the embedding table would crash mid-batch
-            raise ValueError(
+            raise TokenizerError(
                 f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                 f"{cfg.text.vocab_size}: they do not belong together"
             )
         if cfg.pooling == "emb_token":
             self.pool_token = tokenizer.id_to_token(cfg.moon3.embed_token_id)
             if self.pool_token is None:
-                raise ValueError(f"moon3.embed_token_id={cfg.moon3.embed_token_id} is not in the tokenizer")
+                raise TokenizerError(f"moon3.embed_token_id={cfg.moon3.embed_token_id} is not in the tokenizer")
             self.pool_id = cfg.moon3.embed_token_id
         else:
             self.pool_token = "<|endoftext|>"
@@ -155,6 +165,11 @@ class PromptBuilder:
             close_ids=tuple(close),
             suppressed_ids=tuple(dict.fromkeys((cfg.image_token_id, cfg.video_token_id))),
         )
+
+    def shortest_prompt(self, reasoning: bool = False) -> int:
+        """Positions of the shortest prompt: no image and a one-token title."""
+        head_ids, tail_ids = self._template_ids(0, reasoning)
+        return len(head_ids) + 1 + len(tail_ids)
 
     @functools.lru_cache(maxsize=64)  # one builder per encoder, alive as long as the encoder
     def _template_ids(self, n_images: int, reasoning: bool) -> tuple[list[int], list[int]]:

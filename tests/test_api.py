@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -241,11 +242,10 @@ def test_long_title_truncated_with_warning(encoder):
     limit = encoder.config.max_text_tokens
     title = " ".join(f"word{i}" for i in range(400))
     assert encoder.prompt.count_title_tokens(title) > limit
-    with pytest.warns(UserWarning, match=f"item 1: title truncated to max_text_tokens={limit}"):
+    with pytest.warns(UserWarning, match=f"1 title\\(s\\) truncated to max_text_tokens={limit} \\(items 1\\)"):
         vectors = encoder.encode(["ok", title])
     assert_unit_rows(vectors)
-    with pytest.warns(UserWarning, match="truncated"):
-        item = encoder.prepare(title)
+    item = encoder.prepare(title)
     assert item.truncated and len(item.title_positions) == limit
     # truncation keeps the head of the title: same as a title cut to `limit` tokens
     kept = encoder.prompt.tokenizer.decode(item.input_ids[item.title_positions].tolist())
@@ -258,6 +258,23 @@ def test_long_title_truncated_with_warning(encoder):
     assert np.isnan(report.embeddings[1]).all()
     np.testing.assert_allclose(report.embeddings[[0, 2]], encoder.encode(["ok", "fine"]), atol=ATOL)
     assert report.ok.tolist() == [True, False, True]
+
+
+def test_truncated_titles_one_warning_per_call_with_the_count(encoder):
+    """Many long titles give one warning (from the caller's line), not a line per item, and the
+    report lists them; an item that fails is a failure, not a truncation."""
+    title = " ".join(f"word{i}" for i in range(400))
+    items = [title, "ok", title, {"text": title, "image": b"junk"}, title]
+    for call in (encoder.encode, encoder.encode_with_report):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = call(items, on_error="skip", num_workers=2)
+        truncation = [w for w in caught if "truncated" in str(w.message)]
+        assert len(truncation) == 1, [str(w.message) for w in caught]
+        assert "3 title(s) truncated" in str(truncation[0].message) and "items 0, 2, 4" in str(truncation[0].message)
+        assert truncation[0].filename == __file__, truncation[0].filename  # points at this call, not a thread
+    assert result.truncated == [0, 2, 4] and [f.index for f in result.failures] == [3]
+    assert encoder.encode_with_report(["ok"]).truncated == []
 
 
 def test_special_token_strings_in_a_title_are_plain_text():

@@ -56,6 +56,12 @@ def bad_cases(directory: Path) -> dict[str, tuple[object, str]]:
         "image and images": ({"image": GOOD[2], "images": [GOOD[2]]}, "either 'image' or 'images'"),
         "images not a list": ({"images": "tee.jpg"}, "'images' must be a list"),
         "second image bad": ({"images": [GOOD[2], b"junk"]}, "image 1: not a recognised image format"),
+        "one byte": (b"x", r"not a recognised image format \(corrupt or unsupported data, or not an image: "
+                           r"it starts b'x'\)"),
+        "list as 'image'": ({"image": [GOOD[2], GOOD[2]]}, r"'image' takes one image, got a list of 2; "
+                                                        r"give several as 'images'"),
+        "30000x100 jpeg": (encoded(np.zeros((100, 30000, 3), np.uint8), "JPEG"),
+                           r"aspect ratio 300.0 \(30000x100\) is more than 200"),
         "missing file": ({"image": directory / "no_such.jpg"}, "file not found"),
         "decompression bomb": (png_header_only(100_000, 100_000), "decompression bomb"),
         "lone surrogate": ("tee \ud800", "not valid Unicode"),
@@ -82,7 +88,7 @@ CASE_NAMES = [
     "corrupt bytes", "truncated jpeg", "truncated png", "0x0 array", "1x300 image", "float array", "empty string",
     "empty dict", "blank text", "int", "None", "list", "unknown key", "text not a string", "image and images",
     "images not a list", "second image bad", "missing file", "decompression bomb",
-    "lone surrogate", "Item.images not a list",
+    "lone surrogate", "Item.images not a list", "one byte", "list as 'image'", "30000x100 jpeg",
 ]
 
 
@@ -244,3 +250,124 @@ def test_non_finite_model_output_is_an_item_error(encoder, monkeypatch):
     assert np.isnan(result.embeddings[0]).all() and np.isfinite(result.embeddings[1]).all()
     with pytest.raises(moon3rt.EncodeError, match="item 0: model produced non-finite values"):
         encoder.encode(["first", "second"], batch_size=2)
+
+
+# ------------------------------------------------------------------- memory of failed items
+def reachable(root, limit: int = 200_000) -> list:
+    """Every object reachable from `root` through gc referents (bytes included: they are leaves)."""
+    import gc
+
+    seen, stack, out = set(), [root], []
+    while stack and len(out) < limit:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        out.append(obj)
+        stack.extend(gc.get_referents(obj))
+    return out
+
+
+def test_failed_items_keep_no_frames_or_data(encoder, tmp_path):
+    """A failure in a report holds its index and reason, never a traceback: the frames of
+    one would keep the file's bytes (and decoded pixels) alive as long as the report."""
+    import types
+
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(bytes.fromhex("ffd8ffe000104a464946000101") + np.random.default_rng(0).bytes(2_000_000))
+    cut = encoded(rgb(600, 600, seed=4), "PNG")
+    items = [junk, cut[: len(cut) // 2], {"images": [rgb(40, 40), b"x" * 2_000_000]}, {"text": 3}, "ok"]
+    result = encoder.encode_with_report(items, num_workers=2)
+    assert [f.index for f in result.failures] == [0, 1, 2, 3]
+    for failure in result.failures:
+        assert failure.__traceback__ is None and failure.__context__ is None and failure.__cause__ is None
+    held = reachable(result)
+    assert not [o for o in held if isinstance(o, (types.FrameType, types.TracebackType, BaseException))
+                and o not in result.failures]
+    big = [len(o) for o in held if isinstance(o, (bytes, bytearray)) and len(o) > 100_000]
+    assert not big, f"the report holds {len(big)} large buffers"
+    with pytest.raises(moon3rt.EncodeError) as info:
+        encoder.encode(items)
+    for failure in info.value.failures:
+        assert failure.__traceback__ is None and failure.__context__ is None
+
+
+def test_a_big_non_image_file_is_refused_after_its_header(tmp_path):
+    """A file is read from its header on: 200 MB of zeros (a sparse file) is refused
+    without reading it, so the memory allocated stays far below its size."""
+    import tracemalloc
+
+    from moon3rt.images import ImageError, load_image
+
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.truncate(200 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="not a recognised image format"):
+            load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MB allocated to refuse a non-image"
+
+
+HUGE_PNG_PEAK = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import moon3rt, moon3rt.images as images
+    from pathlib import Path
+    images.LARGE_DECODE_PIXELS = 4_000_000  # the huge-image path, at a size a test can afford:
+    if hasattr(images, "PixelBudget"):  # one 4000 x 4000 image at a time, as one 20000 x 20000 is
+        images.LARGE_DECODE_BUDGET = images.PixelBudget(16_000_000)
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    encoder = moon3rt.load("moon3-tiny", device="cpu")
+    encoder.encode(["warm up", np.zeros((224, 224, 3), np.uint8)])
+    before = rss("VmRSS")
+    result = encoder.encode_with_report([Path(sys.argv[1])] * 8, num_workers=int(sys.argv[2]))
+    print(json.dumps({"grown_mb": rss("VmHWM") - before, "after_mb": rss("VmRSS") - before,
+                      "failures": [str(f) for f in result.failures]}))
+    """
+)
+
+
+def test_huge_png_peak_memory_does_not_grow_with_workers(tmp_path):
+    """Full-size decodes of huge non-JPEG images are bounded process-wide (a pixel budget),
+    and their freed buffers go back to the OS, so 4 worker threads hold about one image's
+    worth, as one thread does. 4000 x 4000 RGB: 48 MB decoded."""
+    ramp = np.linspace(0, 255, 4000).astype(np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.uint8(90)), axis=-1)
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path, compress_level=1)
+    grown = {}
+    for workers in (1, 4):
+        run = subprocess.run([sys.executable, "-c", HUGE_PNG_PEAK, str(path), str(workers)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert result["failures"] == []
+        grown[workers] = result
+    assert grown[4]["grown_mb"] < grown[1]["grown_mb"] + 48, grown
+    assert grown[4]["after_mb"] < 48, grown
+
+
+def test_numpy_integers_are_accepted_and_bad_numbers_named(encoder):
+    full = encoder.encode(["red tee"])
+    np.testing.assert_allclose(encoder.encode(["red tee"], dim=np.int64(32)), encoder.encode(["red tee"], dim=32))
+    same = encoder.encode(["red tee"], batch_size=np.int32(2), max_batch_tokens=np.int64(4096), num_workers=np.int8(1))
+    np.testing.assert_array_equal(same, full)
+    for kwargs, message in (
+        ({"num_workers": 1.5}, "num_workers must be a positive integer, got 1.5"),
+        ({"num_workers": 0}, "num_workers must be a positive integer, got 0"),
+        ({"dim": 0}, f"dim=0 is out of range: this model's vectors have {encoder.dim} dimensions; give an integer"),
+        ({"dim": True}, "dim=True is out of range"),
+        ({"dim": 2.0}, "dim=2.0 is out of range"),
+        ({"dim": encoder.dim + 1}, f"dim={encoder.dim + 1} is out of range: this model's vectors have {encoder.dim}"),
+        ({"batch_size": 2.0}, "batch_size must be a positive integer, got 2.0"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            encoder.encode(["red tee"], **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -354,3 +355,71 @@ def test_malformed_moon3_block_is_a_config_error(block, message):
     raw["moon3"] = block
     with pytest.raises(ConfigError, match=message):
         Moon3Config.from_dict(raw)
+
+
+# ------------------------------------------------------------------ broken checkpoint files
+def _cut_in_half(d: Path) -> None:
+    data = (d / SINGLE_FILE).read_bytes()
+    (d / SINGLE_FILE).write_bytes(data[: len(data) // 2])
+
+
+def _int32_tensor(d: Path) -> None:
+    with safe_open(str(d / SINGLE_FILE), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    state["moon3.projection.weight"] = state["moon3.projection.weight"].to(torch.int32)
+    save_file(state, str(d / SINGLE_FILE))
+
+
+def _index_names_the_wrong_shard(d: Path) -> None:
+    index = json.loads((d / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for name, shard in index["weight_map"].items():
+        if shard == shards[1]:
+            index["weight_map"][name] = shards[0]  # shard 2 is listed nowhere now
+    (d / INDEX_FILE).write_text(json.dumps(index))
+
+
+def _image_pad_only_in_the_vocabulary(d: Path) -> None:
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|image_pad|>"]
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def _drop_image_pad(d: Path) -> None:
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|image_pad|>"]
+    tok["model"]["vocab"].pop("<|image_pad|>")
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+
+
+BROKEN = {
+    "truncated weights": (_cut_in_half, SINGLE_FILE, "not a readable safetensors file .*truncated"),
+    "empty weights": (lambda d: (d / SINGLE_FILE).write_bytes(b""), SINGLE_FILE, r"\(0 bytes; .*empty"),
+    "garbage weights": (lambda d: (d / SINGLE_FILE).write_bytes(b"garbage" * 100), SINGLE_FILE,
+                        "not a readable safetensors file"),
+    "int32 tensor": (_int32_tensor, "", r"moon3.projection.weight in model.safetensors: I32"),
+    "malformed preprocessor_config.json": (lambda d: (d / "preprocessor_config.json").write_text("{bad"),
+                                           "preprocessor_config.json", "not valid JSON"),
+    "preprocessor_config.json mean": (lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": 3}'),
+                                      "preprocessor_config.json", "image_mean must be a list of 3 numbers"),
+    "index names the wrong shard": (_index_names_the_wrong_shard, INDEX_FILE,
+                                    r"16 tensor\(s\) are not in the shard the index names: .*00001-of-"),
+    "<|image_pad|> not a special token": (_image_pad_only_in_the_vocabulary, "tokenizer.json",
+                                          r"does not keep \['<\|image_pad\|>'\] as single tokens"),
+    "tokenizer without <|image_pad|>": (_drop_image_pad, "tokenizer.json", r"lacks the special tokens \['<\|image_pad"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_checkpoint_files_fail_at_load_naming_the_file(case, tiny_model, tmp_path):
+    """Each is a CheckpointError at load naming the file and the problem, never a bare
+    SafetensorError / RuntimeError / JSONDecodeError, nor a failure of every item later."""
+    edit, file, problem = BROKEN[case]
+    save_model(tiny_model, tmp_path, max_shard_bytes=60_000 if case.startswith("index") else None)
+    shutil.copy(TOKENIZER, tmp_path)
+    edit(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        moon3rt.load(tmp_path, device="cpu")
+    message = str(info.value)
+    assert str(tmp_path / file).rstrip("/") in message, message
+    assert re.search(problem, message), message

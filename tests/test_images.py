@@ -350,6 +350,21 @@ def test_decompression_bomb_refused_from_header():
         load_image(random_rgb(30, 30), max_image_pixels=899)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "GIF", "BMP", "WEBP", "JPEG"])
+def test_one_pixel_limit_for_every_format(fmt, monkeypatch):
+    """max_image_pixels is the only limit, whatever the format: PIL's process-wide one (which
+    its TIFF and GIF plugins check again while reading tiles and frames) neither refuses
+    first nor changes, and still applies to everyone else's PIL calls."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refuses above 2000 pixels
+    data = encode(random_rgb(100, 100), fmt)
+    assert load_image(data).size == (100, 100)
+    with pytest.raises(ImageError, match="max_image_pixels=9999; refused as a possible decompression bomb"):
+        load_image(data, max_image_pixels=9_999)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data)).load()
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
 def test_own_limit_replaces_pils_global(monkeypatch):
     """PIL's process-wide limit neither applies nor changes; max_image_pixels decides."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)

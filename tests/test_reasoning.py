@@ -172,6 +172,35 @@ def test_budget_is_respected_exactly(lively):
         lively.encode(ITEMS[:1], reasoning=True, max_reasoning_tokens=-1)
 
 
+def test_budget_must_fit_the_positions_and_the_cache(monkeypatch):
+    """A budget the model's positions cannot hold is refused up front with the limit (a
+    10**6 budget once decoded for minutes); a prompt too long for the budget fails alone."""
+    cfg = untied_config()
+    cfg.text.max_position_embeddings = 90
+    enc = Encoder(random_model(cfg, seed=0, lm_head=True), load_tokenizer(TINY_TOKENIZER), torch.device("cpu"),
+                  torch.float32)
+    shortest, closing = enc.prompt.shortest_prompt(reasoning=True), 3
+    most = 90 - shortest - closing
+    assert enc.reasoning_plan(most).max_tokens == most
+    for budget in (most + 1, 10**6):
+        with pytest.raises(ValueError, match=f"max_reasoning_tokens={budget} cannot fit .* "
+                                             f"max_position_embeddings=90 leaves at most {most} tokens"):
+            enc.encode(["tee"], reasoning=True, max_reasoning_tokens=budget)
+    long_title = "brown leather oxford shoes with waxed laces and a stacked heel, size 44"
+    used = int(enc.prepare(long_title, reasoning=True).position_ids.max()) + 1
+    budget = 90 - used - closing + 1  # one position too many for the long title, enough for "tee"
+    result = enc.encode_with_report(["tee", long_title], reasoning=True, max_reasoning_tokens=budget)
+    assert [f.index for f in result.failures] == [1]
+    assert f"the prompt takes {used} positions" in result.failures[0].reason
+    assert "more than max_position_embeddings=90" in result.failures[0].reason
+    assert np.isfinite(result.embeddings[0]).all() and result.reasoning[1] is None
+
+    # the KV cache of one item must fit the device's free memory
+    monkeypatch.setattr(moon3rt.api, "free_memory", lambda device: 1000)
+    with pytest.raises(ValueError, match=r"cannot fit in memory: one item's KV cache needs .* GiB .* free on cpu"):
+        enc.encode(["tee"], reasoning=True, max_reasoning_tokens=4)
+
+
 # ------------------------------------------------------------- early and late finishers
 def test_early_and_late_finishers(lively, monkeypatch):
     plan = lively.reasoning_plan(9)

@@ -103,8 +103,10 @@ def test_tensorrt_rtx_builds_the_standard_graph_with_two_profiles(rtx, graph, tm
     _check_engine(rtx, engine)
     assert report.flavour == "tensorrt_rtx" and report.compute_capabilities == [89, 80]
     assert report.network_layers > 100
-    assert report.profiles == [{"T": [1, 64, 256], "B": [1, 2, 2], "P": [4, 64, 256]},
-                               {"T": [1, 256, 1024], "B": [1, 8, 8], "P": [4, 256, 1024]}]
+    assert report.profiles == [
+        {"T": [1, 64, 256], "B": [1, 2, 2], "L": [1, 8, 256], "P": [4, 64, 256], "N": [1, 2, 64], "S": [4, 8, 64]},
+        {"T": [1, 256, 1024], "B": [1, 8, 8], "L": [1, 32, 1024], "P": [4, 256, 1024], "N": [1, 8, 256],
+         "S": [4, 32, 256]}]
     sidecar = json.loads(engine.with_name(engine.name + ".json").read_text())
     assert sidecar["precision"] == "bf16" and sidecar["inputs"]["position_ids"] == [3, "T"]
     assert any("ignores timing caches" in note for note in report.notes)
@@ -130,6 +132,9 @@ def test_tensorrt_rtx_refuses_hopper_and_the_plugin_graph(rtx, graph, tmp_path):
     plugins = export_onnx("moon3-tiny", tmp_path / "plugins.onnx", plugins=True)
     with pytest.raises(BuildError, match="plugin graph needs full TensorRT"):
         build_engine(plugins, tmp_path / "e", "fp16", compute_capability=[89], flavour="tensorrt_rtx")
+    attention = export_onnx("moon3-tiny", tmp_path / "attention.onnx", attention="onnx")
+    with pytest.raises(BuildError, match="opset-23 Attention nodes.*build the standard graph"):
+        build_engine(attention, tmp_path / "e", "fp16", compute_capability=[89], flavour="tensorrt_rtx")
 
 
 def test_tensorrt_rtx_tests_skip_off_x86_64_even_in_ci(monkeypatch):
@@ -279,23 +284,29 @@ def test_tensorrt_backend_binds_graph_inputs_in_engine_dtypes():
     cfg = Moon3Config.from_name("moon3-tiny")
     batch = example_batch(cfg)
     inputs = export_inputs(batch, cfg)
-    engine = {"input_ids": torch.int64, "position_ids": torch.int64, "token_item": torch.int32,
-              "pool_index": torch.int64, "title_mask": torch.bool, "pixel_values": torch.float16,
-              "patch_image": torch.int64, "patch_pos": torch.int64}
+    engine = {"input_ids": torch.int64, "position_ids": torch.int64, "token_slot": torch.int32,
+              "item_tokens": torch.int64, "item_mask": torch.bool, "pool_index": torch.int64,
+              "title_mask": torch.bool, "pixel_values": torch.float16, "patch_slot": torch.int64,
+              "image_patches": torch.int64, "image_mask": torch.bool, "patch_pos": torch.int64}
     bound = prepare_bindings(inputs, engine, torch.device("cpu"))
     assert list(bound) == list(engine)
     for name, tensor in bound.items():
         assert tensor.dtype == engine[name] and tensor.is_contiguous()
         assert np.array_equal(tensor.float().numpy(), inputs[name].astype(np.float32)) or name == "pixel_values"
-    assert batch_sizes(inputs) == {"T": batch.input_ids.numel(), "B": 2, "P": batch.pixel_values.shape[0]}
+    lengths = batch.cu_seqlens.diff().tolist()
+    assert batch_sizes(inputs) == {"T": batch.input_ids.numel(), "B": 2, "L": max(lengths),
+                                   "P": batch.pixel_values.shape[0], "N": 2, "S": 12}
     with pytest.raises(ValueError, match=r"takes inputs \['image_rows'\] that the batch does not provide"):
         prepare_bindings(inputs, {**engine, "image_rows": torch.int32}, torch.device("cpu"))
-    big = {**inputs, "token_item": inputs["token_item"] + 2**31}
-    with pytest.raises(ValueError, match="token_item has values past int32"):
+    big = {**inputs, "token_slot": inputs["token_slot"] + 2**31}
+    with pytest.raises(ValueError, match="token_slot has values past int32"):
         prepare_bindings(big, engine, torch.device("cpu"))
-    parts = split_for_engine(batch, max_tokens=10_000, max_items=1, merge=2)
-    assert [p.num_items for p in parts] == [1, 1]
-    assert sum(p.input_ids.numel() for p in parts) == batch.input_ids.numel()
+    # one length bucket (little padding), then cut by the item count or the T + P budget;
+    # a tiny attention budget runs every item alone, shortest first
+    assert split_for_engine(batch, max_tokens=10_000, max_items=8, merge=2) == [[0, 1]]
+    assert split_for_engine(batch, max_tokens=10_000, max_items=1, merge=2) == [[0], [1]]
+    assert split_for_engine(batch, max_tokens=max(lengths) + 20, max_items=8, merge=2) == [[0], [1]]
+    assert split_for_engine(batch, max_tokens=10_000, max_items=8, merge=2, max_cells=1) == [[1], [0]]
 
 
 def test_tensorrt_backend_cache_keys(monkeypatch, tmp_path):

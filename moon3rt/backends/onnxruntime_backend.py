@@ -9,10 +9,23 @@ device is CUDA and onnxruntime has it, else CPU.
 The graph computes in fp32 whatever the model's dtype (see export/export_onnx.py), so
 a bf16 model's vectors here are those of its weights evaluated in fp32.
 
-Batches are cut, by whole items, into parts of at most `max_batch_tokens` decoder tokens
-plus patches: the standard-ops graph materialises (heads, T, T) attention scores, so
-its memory grows with the square of the batch. Text-only parts run the full graph with
-its one-window placeholder image (`moon3rt.export.onnx_model.export_inputs`).
+Batches are grouped by length (`moon3rt.batching.attention_buckets`): the graph runs
+attention per segment in a padded (segments, L) layout (export/onnx_model.py), so each
+part holds items of similar length, and its budget counts attention cells, segments x
+L^2 summed over items and images (default 2^23, `max_attention_cells`; the scores take
+heads x cells x 4 bytes per layer), so one large image among small ones does not pad
+the rest. Every vector is the same whatever part its item runs in. Text-only parts run
+the full graph with its one-window placeholder image
+(`moon3rt.export.onnx_model.export_inputs`).
+
+Session (environment, since `moon3rt.load` passes only the backend's name; the
+constructor's arguments win): ``intra_op_num_threads`` MOON3RT_ORT_THREADS (default:
+torch's thread count in the process when the session is made, so the two backends
+compare at the same threads), spinning off (MOON3RT_ORT_SPIN=1 turns it on: idle
+threads that spin steal cores from the other processes on a shared host), sequential
+execution, all graph optimisations; MOON3RT_ORT_ATTENTION=onnx runs the graph whose
+attentions are opset-23 ``Attention`` nodes (onnxruntime >= 1.23) instead of standard
+ops. `settings` holds what the session was made with (the benchmark records it).
 """
 
 from __future__ import annotations
@@ -30,9 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..batching import attention_buckets, segment_lengths, take_items
 from ..model import Moon3Model, PackedBatch
 
 INSTALL_HINT = "pip install 'moon3rt[onnx]'"
+DEFAULT_MAX_CELLS = 2**23  # attention cells per part: segments x L^2, items and images
 
 
 def _require_onnx():
@@ -66,58 +81,46 @@ def model_digest(model: Moon3Model) -> str:
     return h.hexdigest()
 
 
-def split_items(batch: PackedBatch, max_tokens: int, merge: int) -> list[PackedBatch]:
-    """Cut a packed batch, by whole items in order, into parts of at most `max_tokens`
-    tokens plus patches each (an item over the budget forms a part of its own)."""
-    cu = batch.cu_seqlens.tolist()
-    cu_img = batch.cu_images.tolist()
-    cost = [cu[b + 1] - cu[b] + (cu_img[b + 1] - cu_img[b]) * merge**2 for b in range(batch.num_items)]
-    if sum(cost) <= max_tokens:
-        return [batch]
-    groups, lo, total = [], 0, 0
-    for b, c in enumerate(cost):
-        if b > lo and total + c > max_tokens:
-            groups.append((lo, b))
-            lo, total = b, 0
-        total += c
-    groups.append((lo, batch.num_items))
-    return [select_items(batch, lo, hi, merge) for lo, hi in groups]
+def run_in_parts(batch: PackedBatch, groups: list[list[int]], merge: int, run) -> np.ndarray:
+    """`run(part)` (-> (items, D) array) on each group of item indices; rows in batch order."""
+    if len(groups) == 1 and groups[0] == list(range(batch.num_items)):
+        return run(batch)
+    out = None
+    for group in groups:
+        rows = run(take_items(batch, group, merge))
+        if out is None:
+            out = np.empty((batch.num_items, rows.shape[1]), dtype=rows.dtype)
+        out[group] = rows
+    return out
 
 
-def select_items(batch: PackedBatch, lo: int, hi: int, merge: int) -> PackedBatch:
-    """Items lo..hi-1 of a packed batch as a batch of their own."""
-    cu, cu_t, cu_i = batch.cu_seqlens.tolist(), batch.cu_titles.tolist(), batch.cu_images.tolist()
-    t0, t1 = cu[lo], cu[hi]
-    pixel_values = grid = None
-    if batch.pixel_values is not None and cu_i[hi] > cu_i[lo]:
-        g = batch.image_grid_thw.cpu().numpy()
-        merged = np.concatenate([[0], np.cumsum(g.prod(axis=1) // merge**2)])
-        patches = np.concatenate([[0], np.cumsum(g.prod(axis=1))])
-        first, last = np.searchsorted(merged, [cu_i[lo], cu_i[hi]])
-        pixel_values = batch.pixel_values[patches[first] : patches[last]]
-        grid = batch.image_grid_thw[first:last]
-
-    def offsets(c: list[int]) -> torch.Tensor:
-        return torch.tensor([x - c[lo] for x in c[lo : hi + 1]], dtype=torch.int32)
-
-    return PackedBatch(
-        input_ids=batch.input_ids[t0:t1], position_ids=batch.position_ids[:, t0:t1],
-        cu_seqlens=offsets(cu), pool_index=batch.pool_index[lo:hi] - t0,
-        title_index=batch.title_index[cu_t[lo] : cu_t[hi]] - t0, cu_titles=offsets(cu_t),
-        cu_images=offsets(cu_i), pixel_values=pixel_values, image_grid_thw=grid,
-    )
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model: Moon3Model, device: torch.device, cache_dir: str | os.PathLike | None = None,
-                 max_batch_tokens: int = 4096):
+                 max_attention_cells: int = DEFAULT_MAX_CELLS, threads: int | None = None,
+                 spin: bool | None = None, attention: str | None = None):
+        from ..export.onnx_model import ATTENTION
+
         self._ort = _require_onnx()
         self.model = model
         self.device = torch.device(device)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.max_batch_tokens = max_batch_tokens
+        self.max_attention_cells = max_attention_cells
+        env_threads = os.environ.get("MOON3RT_ORT_THREADS")
+        if threads is None and env_threads:
+            threads = int(env_threads)
+        if threads is not None and threads < 1:
+            raise ValueError(f"onnxruntime intra-op threads must be positive, got {threads}")
+        self.threads = threads  # None: torch's thread count when the session is made
+        self.spin = _env_flag("MOON3RT_ORT_SPIN") if spin is None else bool(spin)
+        self.attention = attention or os.environ.get("MOON3RT_ORT_ATTENTION") or "ops"
+        if self.attention not in ATTENTION:
+            raise ValueError(f"MOON3RT_ORT_ATTENTION must be one of {ATTENTION}, got {self.attention!r}")
         self.providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" in self._ort.get_available_providers():
@@ -126,28 +129,50 @@ class OnnxRuntimeBackend:
                 warnings.warn("onnxruntime has no CUDAExecutionProvider here: the onnxruntime backend runs on CPU "
                               "(install onnxruntime-gpu for CUDA)", stacklevel=3)
         self.model_path: Path | None = None
+        self.settings: dict = {}
         self._session = None
         self._lock = threading.Lock()
+
+    def session_options(self):
+        """The SessionOptions the session is made with (and `settings`, what they say)."""
+        options = self._ort.SessionOptions()
+        options.intra_op_num_threads = self.threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = "1" if self.spin else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        self.settings = {
+            "onnxruntime": self._ort.__version__, "intra_op_num_threads": options.intra_op_num_threads,
+            "inter_op_num_threads": 1, "allow_spinning": self.spin, "execution_mode": "sequential",
+            "graph_optimization_level": "all", "attention": self.attention,
+            "max_attention_cells": self.max_attention_cells,
+            "providers": [p if isinstance(p, str) else p[0] for p in self.providers],
+        }
+        return options
 
     def session(self):
         """The inference session, exporting the model first if the cache lacks it."""
         with self._lock:
             if self._session is None:
                 self.model_path = self._export()
-                self._session = self._ort.InferenceSession(str(self.model_path), providers=self.providers)
+                self._session = self._ort.InferenceSession(str(self.model_path), self.session_options(),
+                                                           providers=self.providers)
             return self._session
 
     def _export(self) -> Path:
         from ..export.export_onnx import export_onnx
 
-        target = (self.cache_dir or cache_root() / "onnx") / model_digest(self.model)
+        suffix = "" if self.attention == "ops" else f"-attention-{self.attention}"
+        target = (self.cache_dir or cache_root() / "onnx") / (model_digest(self.model) + suffix)
         if (target / "model.json").exists():  # written last, and the directory appears whole
             return target / "model.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
-            export_onnx(self.model, staging / "model.onnx")
+            export_onnx(self.model, staging / "model.onnx", attention=self.attention)
             os.replace(staging, target)
         except OSError:
             if not (target / "model.json").exists():  # not another process winning the race
@@ -156,14 +181,20 @@ class OnnxRuntimeBackend:
             shutil.rmtree(staging, ignore_errors=True)
         return target / "model.onnx"
 
+    def parts(self, batch: PackedBatch) -> list[list[int]]:
+        """Item indices of the parts a batch runs in (`attention_buckets`)."""
+        merge = self.model.cfg.vision.spatial_merge_size
+        return attention_buckets(*segment_lengths(batch, merge), self.max_attention_cells)
+
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """Un-normalised vectors (B, output_dim), float32, on the CPU."""
         from ..export.onnx_model import OUTPUT, export_inputs
 
         session, cfg = self.session(), self.model.cfg
         names = [i.name for i in session.get_inputs()]  # a model without MHMF has no title_mask
-        outs = []
-        for part in split_items(batch, self.max_batch_tokens, cfg.vision.spatial_merge_size):
+
+        def run(part: PackedBatch) -> np.ndarray:
             inputs = export_inputs(part, cfg)
-            outs.append(session.run([OUTPUT], {name: inputs[name] for name in names})[0])
-        return torch.from_numpy(np.concatenate(outs))
+            return session.run([OUTPUT], {name: inputs[name] for name in names})[0]
+
+        return torch.from_numpy(run_in_parts(batch, self.parts(batch), cfg.vision.spatial_merge_size, run))

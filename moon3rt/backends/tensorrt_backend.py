@@ -13,8 +13,9 @@ device and the engine runs on torch's current stream.
 
 Settings (environment, since `moon3rt.load` passes only the backend's name):
 MOON3RT_TRT_PRECISION fp32|fp16|bf16 (default: the model's dtype), MOON3RT_TRT_PLUGINS=1,
-MOON3RT_TRT_MAX_TOKENS (default 8192: T and P of the widest profile; attention in the
-standard graph is quadratic in them), MOON3RT_TRT_MAX_ITEMS (default 64).
+MOON3RT_TRT_MAX_TOKENS (default 8192: T and P of the widest profile), MOON3RT_TRT_MAX_ITEMS
+(default 64). Batches are grouped by length as for onnxruntime (the graph's attention is
+per segment, padded: `moon3rt.batching.attention_buckets`), then cut to those limits.
 
 Needs a CUDA device and TensorRT: full TensorRT (``import tensorrt``) or TensorRT-RTX
 (``import tensorrt_rtx``, which cannot target Hopper and builds only the standard graph).
@@ -34,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..batching import attention_buckets, segment_lengths, take_items
 from ..model import Moon3Model, PackedBatch
-from .onnxruntime_backend import cache_root, model_digest, select_items, split_items
+from .onnxruntime_backend import DEFAULT_MAX_CELLS, cache_root, model_digest
 
 INSTALL_HINT = ("install full TensorRT (pip install tensorrt-cu12 or tensorrt-cu13; import tensorrt) or "
                 "TensorRT-RTX (pip install tensorrt-rtx-cu13; import tensorrt_rtx)")
@@ -69,10 +71,13 @@ def torch_dtype(trt, trt_dtype) -> torch.dtype:
 
 
 def batch_sizes(inputs: dict[str, np.ndarray]) -> dict[str, int]:
-    """The dynamic dims {T, B, P} of one set of graph inputs (P only with pixel inputs)."""
-    sizes = {"T": int(inputs["input_ids"].shape[0]), "B": int(inputs["pool_index"].shape[0])}
+    """The dynamic dims {T, B, L, P, N, S} of one set of graph inputs (P, N, S only with
+    pixel inputs)."""
+    sizes = {"T": int(inputs["input_ids"].shape[0]), "B": int(inputs["pool_index"].shape[0]),
+             "L": int(inputs["item_tokens"].shape[1])}
     if "pixel_values" in inputs:
         sizes["P"] = int(inputs["pixel_values"].shape[0])
+        sizes["N"], sizes["S"] = (int(n) for n in inputs["image_patches"].shape)
     return sizes
 
 
@@ -93,13 +98,23 @@ def prepare_bindings(inputs: dict[str, np.ndarray], engine_inputs: dict[str, tor
     return out
 
 
-def split_for_engine(batch: PackedBatch, max_tokens: int, max_items: int, merge: int) -> list[PackedBatch]:
-    """Cut a batch, by whole items, into parts within the engine's T/P budget and item count."""
+def split_for_engine(batch: PackedBatch, max_tokens: int, max_items: int, merge: int,
+                     max_cells: int = DEFAULT_MAX_CELLS) -> list[list[int]]:
+    """Item indices of the parts a batch runs in: grouped by length (`attention_buckets`,
+    the graph's attention is per segment, padded), each within the engine's T and P range
+    (decoder tokens plus patches at most `max_tokens`) and item count."""
+    tokens, images = segment_lengths(batch, merge)
     parts = []
-    for part in split_items(batch, max_tokens, merge):
-        for lo in range(0, part.num_items, max_items):
-            hi = min(part.num_items, lo + max_items)
-            parts.append(part if (lo, hi) == (0, part.num_items) else select_items(part, lo, hi, merge))
+    for group in attention_buckets(tokens, images, max_cells):
+        part, total = [], 0
+        for b in group:
+            cost = tokens[b] + sum(images[b])
+            if part and (total + cost > max_tokens or len(part) >= max_items):
+                parts.append(part)
+                part, total = [], 0
+            part.append(b)
+            total += cost
+        parts.append(part)
     return parts
 
 
@@ -221,9 +236,8 @@ class TensorRTBackend:
         engine, context = self.engine()
         engine_inputs, _ = self._io(engine)
         cfg, stream = self.model.cfg, torch.cuda.current_stream(self.device)
-        outs = []
-        for part in split_for_engine(batch, self.max_batch_tokens, self.max_batch_items,
-                                     cfg.vision.spatial_merge_size):
+
+        def run(part: PackedBatch) -> torch.Tensor:
             inputs = export_inputs(part, cfg, vision="pixel_values" in engine_inputs)
             profile = select_profile(self._profiles, batch_sizes(inputs))
             bindings = prepare_bindings(inputs, engine_inputs, self.device)
@@ -235,5 +249,13 @@ class TensorRTBackend:
             context.set_tensor_address(OUTPUT, out.data_ptr())
             if not context.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError(f"TensorRT failed to run {self.engine_path} on a batch of {part.num_items} items")
-            outs.append(out)
-        return torch.cat(outs)
+            return out
+
+        merge = cfg.vision.spatial_merge_size
+        groups = split_for_engine(batch, self.max_batch_tokens, self.max_batch_items, merge)
+        if len(groups) == 1 and groups[0] == list(range(batch.num_items)):
+            return run(batch)
+        out = torch.empty(batch.num_items, cfg.output_dim, dtype=torch.float32, device=self.device)
+        for group in groups:
+            out[torch.tensor(group, device=self.device)] = run(take_items(batch, group, merge))
+        return out
