@@ -1,4 +1,4 @@
-"""Training MOON3 (DESIGN.md section 5), installed as ``moon3rt.train``.
+"""Training MOON3 (DESIGN.md section 5), installed as ``moon3rt.train``: losses, the RL stage, the loop.
 
 Stage 1, the contrastive cold start: symmetric InfoNCE between query and product vectors
 (in-batch negatives gathered across ranks, hard negatives from the world), a Matryoshka
