@@ -38,6 +38,7 @@ import triton.testing  # noqa: E402
 from moon3rt.config import Moon3Config  # noqa: E402
 from moon3rt.kernels import fire as fire_ops  # noqa: E402
 from moon3rt.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from moon3rt.kernels.fused_gemm import linear_quick_gelu, linear_swiglu  # noqa: E402
 from moon3rt.kernels.fusion_attention import fusion_attention, fusion_attention_ref  # noqa: E402
 from moon3rt.kernels.layer_norm import layer_norm, layer_norm_ref  # noqa: E402
 from moon3rt.kernels.quick_gelu import bias_quick_gelu, bias_quick_gelu_ref  # noqa: E402
@@ -48,6 +49,7 @@ from moon3rt.kernels.varlen_attention import varlen_attention, varlen_attention_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import summary  # noqa: E402
 from reporting import git_commit  # noqa: E402  (bench/ is a folder of scripts, not a package)
 from timing import copy_bandwidth, matmul_ceiling  # noqa: E402
 
@@ -130,10 +132,29 @@ def build_cases(cfg: Moon3Config, items: int, device: torch.device, dtype: torch
     cases.append(Case("bias+quick_gelu", f"({P}, {v.mlp_dim})", lambda: bias_quick_gelu(fc1, b1),
                       lambda: bias_quick_gelu_ref(fc1, b1), 2 * P * v.mlp_dim * es, 0))
 
+    # GEMM + activation: the fused epilogue against cuBLAS + the activation kernel (the backend's
+    # "cublas" path, in the torch column): which one the triton backend should use on this card
+    xv1, w1 = rnd(P, dv), rnd(v.mlp_dim, dv) / dv**0.5
+    cases.append(Case("fc1+quick_gelu fused", f"({P}, {dv}) x ({v.mlp_dim}, {dv})^T",
+                      lambda: linear_quick_gelu(xv1, w1, b1),
+                      lambda: bias_quick_gelu(torch.nn.functional.linear(xv1, w1, b1)),
+                      (P * dv + v.mlp_dim * dv + P * v.mlp_dim) * es, 2 * P * dv * v.mlp_dim))
+    xt1, wgu = rnd(T, d), rnd(2 * inter, d) / d**0.5
+    cases.append(Case("gate_up+swiglu fused", f"({T}, {d}) x ({2 * inter}, {d})^T",
+                      lambda: linear_swiglu(xt1, wgu),
+                      lambda: swiglu_packed(torch.nn.functional.linear(xt1, wgu)),
+                      (T * d + 2 * inter * d + T * inter) * es, 2 * T * d * 2 * inter))
+
     # Attention: the decoder (causal, GQA, one segment per item) and the vision tower (one per image).
-    for label, n_seg, seg, h_q, h_k, dim, causal in (
-        ("varlen_attention decoder", items, per_item_tokens, hq, hk, hd, True),
-        ("varlen_attention vision", items, per_item_patches, v.num_heads, v.num_heads, v.head_dim, False),
+    # On a GPU the vision case is also run with other block shapes (`config=`), to confirm the default.
+    vision_configs = [None]
+    if device.type == "cuda":
+        vision_configs += [{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+                           {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128}]
+    for label, n_seg, seg, h_q, h_k, dim, causal, config in (
+        ("varlen_attention decoder", items, per_item_tokens, hq, hk, hd, True, None),
+        *(("varlen_attention vision" + (" " + _config_label(c) if c else ""), items, per_item_patches,
+           v.num_heads, v.num_heads, v.head_dim, False, c) for c in vision_configs),
     ):
         n = n_seg * seg
         aq, ak, av = rnd(n, h_q, dim), rnd(n, h_k, dim), rnd(n, h_k, dim)
@@ -145,8 +166,8 @@ def build_cases(cfg: Moon3Config, items: int, device: torch.device, dtype: torch
             return torch.nn.functional.scaled_dot_product_attention(pq, pk, pv, is_causal=causal, enable_gqa=True)
 
         cases.append(Case(label, f"{n_seg} x {seg} tokens, Hq {h_q} Hk {h_k} D {dim}",
-                          lambda aq=aq, ak=ak, av=av, cu=cu, seg=seg, causal=causal:
-                          varlen_attention(aq, ak, av, cu, seg, causal),
+                          lambda aq=aq, ak=ak, av=av, cu=cu, seg=seg, causal=causal, config=config:
+                          varlen_attention(aq, ak, av, cu, seg, causal, config=config),
                           lambda aq=aq, ak=ak, av=av, cu=cu, seg=seg, causal=causal:
                           varlen_attention_ref(aq, ak, av, cu, seg, causal),
                           4 * n * h_q * dim * es, flops, sdpa))
@@ -190,6 +211,11 @@ def build_cases(cfg: Moon3Config, items: int, device: torch.device, dtype: torch
                           lambda: fire_ops.fire_inject_ref(hidden, rows, r, up, alpha),
                           2 * n_img * d * es, 2 * n_img * rank * d))
     return cases
+
+
+def _config_label(config: dict) -> str:
+    label = f"{config['BLOCK_M']}x{config['BLOCK_N']}w{config['num_warps']}s{config['num_stages']}"
+    return label + (f"r{config['maxnreg']}" if "maxnreg" in config else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  (SDPA flash, padded: {row['sdpa_padded_ms']:.3f} ms)" if "sdpa_padded_ms" in row else ""))
         rows.append(row)
         path.write_text(json.dumps(record, indent=2, default=_json_default))  # partial results survive a timeout
+    record["goals"] = summary.kernel_goals(record)
+    record["goals_verdict"] = summary.verdict(record["goals"], bool(record["goals"]) and record["goals"][0]["applies"])
+    for g in record["goals"]:
+        shown = "-" if g["measured"] is None else f"{g['measured']:.2f}"
+        print(f"# goal {g['goal']:<48} {g['target']:>7}  measured {shown:>8}  {g['status']}")
+    print(f"# {record['goals_verdict']['text']}")
     path.write_text(json.dumps(record, indent=2, default=_json_default))
     print(f"# wrote {path}")
     return 1 if any("error" in r for r in rows) else 0

@@ -4,6 +4,12 @@ A runner has `name`, `prepare(items) -> host inputs` (outside the timed region) 
 `run(inputs) -> (B, D)` on the device (timed: host-to-device copy included, as in
 `Encoder.encode`). `reference(items)` gives what a runner's output is checked against.
 
+Pixels cross to the device as the timed region's bulk (~300 MB of fp32 patches per batch of
+64 448x448 images), so every runner prepares them the same way (`host_pixels`): page-locked,
+so the copy is one asynchronous DMA, and on CUDA in the model's 16-bit dtype when it has one
+(both models cast the patches to their weights' dtype before the patch embedding, so the
+result is the same and half the bytes cross).
+
 - `BackendRunner`: a moon3rt backend, ``backend.embed(pack(items))``.
 - `CompiledRunner`: ``torch.compile`` of the reference `Moon3Model`.
 - `TransformersRunner`: transformers' `Qwen2VLModel` (sdpa) with the same weights,
@@ -15,6 +21,7 @@ A runner has `name`, `prepare(items) -> host inputs` (outside the timed region) 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 
 import numpy as np
@@ -27,16 +34,40 @@ from moon3rt.model import Moon3Model, PackedBatch
 from moon3rt.prompt import PreparedItem
 
 PEERS = ("transformers", "torch.compile")
+# backends whose patch embedding takes 16-bit pixels (the exported graphs take fp32)
+TORCH_PIXEL_BACKENDS = ("torch", "triton")
+
+
+def host_pixels(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """The patches as the timed region copies them: on CUDA page-locked, in `dtype` when given."""
+    if device.type != "cuda":
+        return pixels
+    out = torch.empty(pixels.shape, dtype=dtype or pixels.dtype, pin_memory=True)
+    return out.copy_(pixels)
+
+
+def pixel_dtype(model: Moon3Model, device: torch.device) -> torch.dtype | None:
+    """The model's 16-bit dtype on CUDA (pixels are cast to it before the patch embedding), else None."""
+    dtype = model.visual.patch_embed.proj.weight.dtype
+    return dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _packed(items: list[PreparedItem], merge: int, device: torch.device, dtype: torch.dtype | None) -> PackedBatch:
+    batch = pack(items, merge, pin_memory=device.type == "cuda" and dtype is None)
+    if batch.pixel_values is not None and dtype is not None:
+        batch = dataclasses.replace(batch, pixel_values=host_pixels(batch.pixel_values, device, dtype))
+    return batch
 
 
 class BackendRunner:
     def __init__(self, name: str, model: Moon3Model, device: torch.device):
         self.name = name
         self.backend = create_backend(name, model, device)
-        self.merge = model.cfg.vision.spatial_merge_size
+        self.merge, self.device = model.cfg.vision.spatial_merge_size, device
+        self.pixel_dtype = pixel_dtype(model, device) if name in TORCH_PIXEL_BACKENDS else None
 
     def prepare(self, items: list[PreparedItem]) -> PackedBatch:
-        return pack(items, self.merge)
+        return _packed(items, self.merge, self.device, self.pixel_dtype)
 
     def run(self, batch: PackedBatch) -> torch.Tensor:
         return self.backend.embed(batch)
@@ -51,9 +82,10 @@ class CompiledRunner:
         self.model = torch.compile(model)
         self.device = device
         self.merge = model.cfg.vision.spatial_merge_size
+        self.pixel_dtype = pixel_dtype(model, device)
 
     def prepare(self, items: list[PreparedItem]) -> PackedBatch:
-        return pack(items, self.merge)
+        return _packed(items, self.merge, self.device, self.pixel_dtype)
 
     @torch.inference_mode()
     def run(self, batch: PackedBatch) -> torch.Tensor:
@@ -88,6 +120,7 @@ class TransformersRunner:
             raise RuntimeError(f"weights do not map onto Qwen2VLModel: missing {missing}, unexpected {unexpected}")
         self.model = hf.eval()
         self.device, self.pad_token_id = device, pad_token_id
+        self.pixel_dtype = pixel_dtype(model, device)  # Qwen2-VL's patch embedding casts to its dtype too
         self.image_token_id, self.mrope = cfg.image_token_id, cfg.uses_mrope
         # transformers >= 5.2x wants the processor's mm_token_type_ids for M-RoPE; older 5.x does not take it.
         self.takes_token_types = "mm_token_type_ids" in inspect.signature(hf.forward).parameters
@@ -102,7 +135,8 @@ class TransformersRunner:
         inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         images = [img for it in items for img in it.images]
         if images:
-            inputs["pixel_values"] = torch.from_numpy(np.concatenate([img.pixel_values for img in images]))
+            pixels = torch.from_numpy(np.concatenate([img.pixel_values for img in images]))
+            inputs["pixel_values"] = host_pixels(pixels, self.device, self.pixel_dtype)
             inputs["image_grid_thw"] = torch.tensor([img.grid_thw for img in images], dtype=torch.int64)
             if self.takes_token_types:
                 inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_token_id).int()

@@ -1,20 +1,50 @@
-"""What a person reads after a throughput run: the stdout report, and the issue's goals beside it."""
+"""What a person reads after a benchmark: the stdout report, and the product's goals marked met / missed."""
 
 from __future__ import annotations
 
 import reporting
 from runners import PEERS
 
-# The issue's goals, printed beside the results (never asserted): H100, bf16, batch 64.
+# The product's goals (H100/H200, bf16, moon3-2b, batch 64), marked met / missed in every result file.
 GOAL_BATCH, GOAL_ITEMS_PER_S, GOAL_VS_TRANSFORMERS, GOAL_VS_COMPILE, GOAL_SINGLE_P50_MS = 64, 240, 2.0, 1.2, 10.0
+GOAL_CARDS, GOAL_DTYPE, GOAL_MODEL = ("H100", "H200"), "bfloat16", "moon3-2b"
+GOAL_PCT_BANDWIDTH, GOAL_VS_SDPA = 80.0, 1.15  # kernels: memory-bound >= 80% of copy bandwidth; attention <= 1.15x SDPA
+
+
+def goal_setting_applies(device_name: str, dtype: str, model: str) -> bool:
+    """Whether a run is in the goals' setting: an H100/H200, bf16, moon3-2b."""
+    return any(card in (device_name or "") for card in GOAL_CARDS) and dtype == GOAL_DTYPE and model == GOAL_MODEL
+
+
+def goal(name: str, measured, wanted: float, higher: bool, applies: bool, **extra) -> dict:
+    """One goal: "met" / "missed" when measured, "not measured" otherwise; `applies` says whether the
+    run is the goals' setting (otherwise the status is informational)."""
+    met = None if measured is None else (measured >= wanted if higher else measured < wanted)
+    status = "not measured" if met is None else ("met" if met else "missed")
+    return {"goal": name, "target": (">= " if higher else "< ") + f"{wanted:g}",
+            "measured": measured, "met": met, "status": status, "applies": applies, **extra}
+
+
+def verdict(rows: list[dict], applies: bool) -> dict:
+    """Counts of met / missed / not measured goals and one sentence a person can read."""
+    counts = {status: sum(1 for r in rows if r["status"] == status) for status in ("met", "missed", "not measured")}
+    where = "in the goals' setting" if applies else "outside the goals' setting (informational only)"
+    text = (f"{counts['met']} of {len(rows)} goals met, {counts['missed']} missed, {counts['not measured']} not "
+            f"measured, {where}")
+    return {"applies": applies, **counts, "total": len(rows), "text": text}
 
 
 def goals(report: dict) -> list[dict]:
-    """The issue's targets (H100, bf16, batch 64) beside what this run measured."""
+    """The throughput goals (H100/H200, bf16, moon3-2b, batch 64) beside what this run measured."""
+    env, cfg = report.get("environment", {}), report.get("config", {})
+    applies = goal_setting_applies(env.get("device_name", ""), cfg.get("dtype", ""), cfg.get("model", ""))
     rows = {(r["backend"], r["batch_size"]): r["items_per_s"] for r in report["results"]}
     ours = [r for r in report["results"] if r["backend"] not in PEERS and r["batch_size"] == GOAL_BATCH]
     target = "triton" if any(r["backend"] == "triton" for r in ours) else (
         max(ours, key=lambda r: r["items_per_s"])["backend"] if ours else None)
+    if target is None:
+        target = "triton" if "triton" in report["single_item"] else next(
+            (b for b in report["single_item"] if b not in PEERS), None)
     value = rows.get((target, GOAL_BATCH))
 
     def ratio(peer):
@@ -22,16 +52,28 @@ def goals(report: dict) -> list[dict]:
         return value / base if value is not None and base else None
 
     single = report["single_item"].get(target, {}).get("p50_ms") if target else None
-    out = []
-    for goal, measured, wanted, higher in (
+    return [goal(name, measured, wanted, higher, applies, backend=target) for name, measured, wanted, higher in (
         (f"items/s at batch {GOAL_BATCH}", value, GOAL_ITEMS_PER_S, True),
         (f"x transformers at batch {GOAL_BATCH}", ratio("transformers"), GOAL_VS_TRANSFORMERS, True),
         (f"x torch.compile at batch {GOAL_BATCH}", ratio("torch.compile"), GOAL_VS_COMPILE, True),
         ("single-item p50 ms", single, GOAL_SINGLE_P50_MS, False),
-    ):
-        met = None if measured is None else (measured >= wanted if higher else measured < wanted)
-        out.append({"goal": goal, "target": (">= " if higher else "< ") + f"{wanted:g}", "backend": target,
-                    "measured": measured, "met": met})
+    )]
+
+
+def kernel_goals(record: dict) -> list[dict]:
+    """The kernel goals beside a bench_kernels run: every memory-bound op at >= 80% of the measured copy
+    bandwidth, vision attention within 15% of SDPA's flash kernel on the same segments."""
+    applies = goal_setting_applies(record.get("device", ""), record.get("dtype", ""), record.get("model", ""))
+    out = []
+    for row in record["results"]:
+        if row.get("flops") == 0 and "error" not in row:
+            out.append(goal(f"{row['op']}: % of copy bandwidth", row.get("pct_limit"), GOAL_PCT_BANDWIDTH, True,
+                            applies, op=row["op"]))
+        if row["op"] == "varlen_attention vision":
+            sdpa = row.get("sdpa_padded_ms")
+            ratio = row["triton_ms"] / sdpa if sdpa and "triton_ms" in row else None
+            out.append(goal("varlen_attention vision: time / SDPA flash", ratio, GOAL_VS_SDPA, False, applies,
+                            op=row["op"]))
     return out
 
 
@@ -88,12 +130,14 @@ def print_report(report: dict) -> None:
              f"{v['images_per_s_per_core']:.1f}"] for fmt, v in report["preprocess"].items()]
     print(reporting.table(["preprocess (decode+resize+patchify+tokenise)", "size", "KiB", "images/s/core"], rows))
     print()
-    applies = "H100" in env["device_name"] and cfg["dtype"] == "bfloat16"
+    applies = goal_setting_applies(env["device_name"], cfg["dtype"], cfg["model"])
     setting = "" if applies else "; this run is not that setting: informational"
-    print(f"goals (issue; H100 bf16 batch {GOAL_BATCH}{setting}):")
+    print(f"goals (H100/H200 bf16 {GOAL_MODEL} batch {GOAL_BATCH}{setting}):")
     rows = [[g["goal"], g["target"], g["backend"] or "-", "-" if g["measured"] is None else f"{g['measured']:.2f}",
-             {True: "met", False: "not met", None: "n/a"}[g["met"]]] for g in report["goals"]]
+             g["status"]] for g in report["goals"]]
     print(reporting.table(["goal", "target", "backend", "measured", "status"], rows))
+    if report.get("goals_verdict"):
+        print(report["goals_verdict"]["text"])
     print()
     for kind, path in report["files"].items():
         if kind != "png_tool":

@@ -91,6 +91,8 @@ def parse_args(argv):
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--skip-peers", action="store_true", help="time moon3rt backends only")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--no-single-item", action="store_true",
+                   help="time only --batch-sizes (no extra batch-1 latency run; e.g. one torch.compile measurement)")
     p.add_argument("--reasoning", action="store_true",
                    help="also time reasoning mode (generate attributes, then <emb>) per moon3rt backend that can")
     p.add_argument("--reasoning-only", action="store_true",
@@ -210,7 +212,10 @@ class Run:
                 "backends": backend_names(a), "batch_sizes": a.batch_sizes, "image_size": self.image_size,
                 "text_tokens": a.text_tokens, "threads": torch.get_num_threads(), "duration_s": a.duration,
                 "warmup_s": a.warmup, "items": a.items,
-                "cosine_threshold": self.threshold, "model_config": self.cfg.to_dict()}
+                "cosine_threshold": self.threshold,
+                "host_pixels": ("page-locked, in the model's dtype for torch/triton/peers (fp32 for exported graphs)"
+                                if self.device.type == "cuda" else "fp32, pageable (CPU run: no copy)"),
+                "model_config": self.cfg.to_dict()}
 
     def workload_section(self) -> dict:
         def mean(values) -> float:
@@ -296,7 +301,7 @@ class Run:
     def time_runner(self, runner) -> None:
         flops_total = self.report["ceiling"]["tflops"] * 1e12
         sizes = list(self.args.batch_sizes)
-        if 1 not in sizes:
+        if 1 not in sizes and not self.args.no_single_item:
             sizes = [1] + sizes  # single-item latency
         for size in sizes:
             groups = batches_of(self.items, size)
@@ -479,6 +484,8 @@ class Run:
         for path in self.args.include_results:
             self.include(Path(path))
         self.report["goals"] = summary.goals(self.report)
+        self.report["goals_verdict"] = summary.verdict(self.report["goals"], bool(self.report["goals"])
+                                                       and self.report["goals"][0]["applies"])
         if not self.args.no_plot and self.report["results"]:
             png = self.out_dir / f"{self.stem}.png"
             c = self.report["config"]

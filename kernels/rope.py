@@ -39,10 +39,13 @@ Dtype conventions follow the reference model exactly:
   fusion off, each fp32 op rounds as torch's does).
 
 `_rope_kernel`, grid (cdiv(T, BLOCK_T),): a program takes BLOCK_T tokens, forms their
-cos/sin once and rotates every q head, then every k head (GQA: any Hk), BLOCK_H heads
-at a time. D may be any even size; BLOCK_HALF is D/2 rounded up to a power of two
-with masks. On a GPU the knobs are BLOCK_T x BLOCK_H (a few thousand elements per
-tile) and num_warps.
+cos/sin once and rotates every q head, BLOCK_HQ at a time, then every k head (GQA: any
+Hk), BLOCK_HK at a time (`head_block`: each tensor its own, so the 2B decoder's 2 kv
+heads do not run on 16 lanes). D may be any even size; BLOCK_HALF is D/2 rounded up to
+a power of two with masks. The head counts and D/2 are constexpr: D/2 = 40 in the
+vision tower is not a multiple of 16 as a runtime int would have to be for Triton to
+know the second half's alignment, so with a runtime D/2 every load was a scalar 2-byte
+load. On a GPU the knobs are BLOCK_T x BLOCK_H (`TILE_ELEMENTS` per step) and num_warps.
 """
 
 import functools
@@ -65,8 +68,9 @@ def _reduce_angle(a):
 @triton.jit
 def _rotate_heads(
     x_ptr, stride_t, stride_h, stride_d,  # x: (T, H, D), rotated in place
-    offs_t, mask_t, H, HALF,
+    offs_t, mask_t,
     cos1, sin1, cos2, sin2,  # (BLOCK_T, BLOCK_HALF) fp32 each: first / second half
+    H: tl.constexpr, HALF: tl.constexpr,
     ROUND_TO_INPUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     dtype = x_ptr.dtype.element_ty
@@ -74,9 +78,13 @@ def _rotate_heads(
     rows = x_ptr + offs_t[:, None, None].to(tl.int64) * stride_t + offs_j[None, None, :] * stride_d
     c1, s1 = cos1[:, None, :], sin1[:, None, :]
     c2, s2 = cos2[:, None, :], sin2[:, None, :]
-    for h0 in range(0, H, BLOCK_H):
+    # H and HALF are constexpr: the loop unrolls, the head mask folds away when BLOCK_H divides H,
+    # and the second half's offset HALF * stride_d is a known multiple of 16 bytes (vector loads)
+    for h0 in tl.static_range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask = mask_t[:, None, None] & (offs_h < H)[None, :, None] & (offs_j < HALF)[None, None, :]
+        mask = mask_t[:, None, None] & (offs_j < HALF)[None, None, :]
+        if H % BLOCK_H != 0:
+            mask = mask & (offs_h < H)[None, :, None]
         p1 = rows + offs_h[None, :, None] * stride_h
         p2 = p1 + HALF * stride_d
         x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
@@ -101,9 +109,10 @@ def _rope_kernel(
     pos_ptr, stride_pa, stride_pt,  # positions: (AXES, T); read only if FROM_POSITIONS
     axis_ptr,  # position row that turns each frequency column: (HALF,) int32
     freq_ptr,  # inverse frequencies: (N_FREQ,) fp32; column j uses freq[j % N_FREQ]
-    T, HQ, HK, HALF, N_FREQ,
+    T,
+    HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, N_FREQ: tl.constexpr,
     FROM_POSITIONS: tl.constexpr, ROUND_TO_INPUT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -130,10 +139,25 @@ def _rope_kernel(
         sin1 = tl.load(s_rows, mask=mask, other=0.0).to(tl.float32)
         cos2 = tl.load(c_rows + HALF * stride_cd, mask=mask, other=0.0).to(tl.float32)
         sin2 = tl.load(s_rows + HALF * stride_sd, mask=mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, stride_qt, stride_qh, stride_qd, offs_t, mask_t, HQ, HALF,
-                  cos1, sin1, cos2, sin2, ROUND_TO_INPUT, BLOCK_H, BLOCK_HALF)
-    _rotate_heads(k_ptr, stride_kt, stride_kh, stride_kd, offs_t, mask_t, HK, HALF,
-                  cos1, sin1, cos2, sin2, ROUND_TO_INPUT, BLOCK_H, BLOCK_HALF)
+    _rotate_heads(q_ptr, stride_qt, stride_qh, stride_qd, offs_t, mask_t,
+                  cos1, sin1, cos2, sin2, HQ, HALF, ROUND_TO_INPUT, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, stride_kd, offs_t, mask_t,
+                  cos1, sin1, cos2, sin2, HK, HALF, ROUND_TO_INPUT, BLOCK_HK, BLOCK_HALF)
+
+
+def head_block(h: int) -> int:
+    """Heads rotated per step for a tensor of `h` heads: all of them when a power of two up to 16
+    (vision: 16; decoder k: 2), else the largest power of two dividing h if at least 4 (decoder
+    q: 12 -> 4, no masked lanes), else h rounded up to a power of two (at most 16)."""
+    if h & (h - 1) == 0 and h <= 16:
+        return max(h, 1)
+    divisor = h & -h
+    if divisor >= 4:
+        return min(divisor, 16)
+    return min(triton.next_power_of_2(h), 16)
+
+
+TILE_ELEMENTS, NUM_WARPS = 4096, 4  # per half-tile of one step; see docs/KERNELS.md for sm_90a figures
 
 
 @functools.lru_cache(maxsize=64)
@@ -165,8 +189,8 @@ def _launch(q, k, cos=None, sin=None, positions=None, axes=None, inv_freq=None, 
     else:
         pos, axis, freq = cos, cos, cos  # unused pointers
     block_half = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(hq, hk)), 16)
-    block_t = max(1, min(64, 4096 // (block_h * block_half)))
+    block_hq, block_hk = head_block(hq), head_block(hk)
+    block_t = max(1, min(64, TILE_ELEMENTS // (max(block_hq, block_hk) * block_half)))
     _rope_kernel[(triton.cdiv(t, block_t),)](
         q, q.stride(0), q.stride(1), q.stride(2),
         k, k.stride(0), k.stride(1), k.stride(2),
@@ -174,9 +198,9 @@ def _launch(q, k, cos=None, sin=None, positions=None, axes=None, inv_freq=None, 
         sin, sin.stride(0), sin.stride(-1),
         pos, pos.stride(0), pos.stride(-1),
         axis, freq,
-        t, hq, hk, half, freq.numel(),
+        t, HQ=hq, HK=hk, HALF=half, N_FREQ=freq.numel(),
         FROM_POSITIONS=from_positions, ROUND_TO_INPUT=round_to_input,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, num_warps=NUM_WARPS,
         enable_fp_fusion=False,  # keep each product rounded before the sum, as torch's separate ops
     )
     return q, k

@@ -23,8 +23,10 @@ scores can be -inf.
 Precision: scores, softmax and the accumulator are fp32. In fp16/bf16 the
 probabilities are rounded to v's dtype for the P @ V dot, as flash attention does;
 fp32 inputs use input_precision "ieee" dots (no TF32), so fp32 matches torch's
-math to rounding. D need not be a power of two: BLOCK_D = next_power_of_2(D) with
-masked loads (D = 80 in the Qwen2-VL vision tower).
+math to rounding. D need not be a power of two: it is split into a power-of-two
+main part and a power-of-two tail (`head_dim_split`: 80 = 64 + 16 for the Qwen2-VL
+vision tower, 128 = 128 + 0), each with its own dots and accumulator, so a D = 80
+head does 80/80 of the useful tensor-core work instead of 128/80 when padded.
 
 Strided inputs: q, k and v are read through their (token, head, dim) strides, so
 views into a fused qkv projection (`qkv.view(T, 3, H, D).unbind(1)`) need no copy.
@@ -34,9 +36,9 @@ at T, and `max_seqlen` must be at least the longest segment. Rows of tokens outs
 every segment are left unwritten.
 
 On a GPU the knobs are BLOCK_M / BLOCK_N / num_warps / num_stages per (D, dtype)
-(`_launch_config`); worth trying: processing the Hq // Hk query heads of one kv head
-in one program (K/V read once per group instead of once per query head), splitting
-D = 80 as 64 + 16 instead of padding to 128, and ordering causal blocks longest-first.
+(`_launch_config`; `config=` overrides them for benchmarks); worth trying: processing
+the Hq // Hk query heads of one kv head in one program (K/V read once per group instead
+of once per query head), and ordering causal blocks longest-first.
 """
 
 import math
@@ -50,24 +52,32 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_kv_blocks(
-    acc, m_i, l_i,  # running (BLOCK_M, BLOCK_D) output, (BLOCK_M,) max and sum, fp32
-    q,  # (BLOCK_M, BLOCK_D) queries of this program
+    acc, acc_t, m_i, l_i,  # running (BLOCK_M, BLOCK_D) and (BLOCK_M, BLOCK_DT) outputs, (BLOCK_M,) max and sum
+    q, q_t,  # (BLOCK_M, BLOCK_D) and (BLOCK_M, BLOCK_DT) queries of this program: head dims [0, BLOCK_D), the tail
     k_seg, stride_kt, stride_kd,  # k of this segment and kv head: (L, D)
     v_seg, stride_vt, stride_vd,  # v of this segment and kv head: (L, D)
-    offs_m, offs_d, mask_d, lo, hi, seq_len, qk_scale,
-    MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    offs_m, offs_d, mask_d, offs_dt, mask_dt, lo, hi, seq_len, qk_scale,
+    MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HAS_TAIL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASK_KEYS:
-            kv_mask = (offs_n < seq_len)[:, None] & mask_d[None, :]
+            key_ok = (offs_n < seq_len)[:, None]
+            kv_mask = key_ok & mask_d[None, :]
+            kv_mask_t = key_ok & mask_dt[None, :]
         else:
             kv_mask = mask_d[None, :]
+            kv_mask_t = mask_dt[None, :]
         # offsets within one segment (or cache) fit int32; the base pointer carries the int64
         # part, and 32-bit per-element offsets keep the tile's address registers (no spills)
         rows = offs_n[:, None]
         k = tl.load(k_seg + rows * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_TAIL:  # D = BLOCK_D + tail: the scores are the sum of the two partial dots
+            k_t = tl.load(k_seg + rows * stride_kt + offs_dt[None, :] * stride_kd, mask=kv_mask_t, other=0.0)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         if MASK_KEYS:
             valid = (offs_n < seq_len)[None, :]
             if CAUSAL:
@@ -78,9 +88,13 @@ def _attend_kv_blocks(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_seg + rows * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        p = p.to(v.dtype)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if HAS_TAIL:
+            v_t = tl.load(v_seg + rows * stride_vt + offs_dt[None, :] * stride_vd, mask=kv_mask_t, other=0.0)
+            acc_t = tl.dot(p, v_t, acc_t * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, acc_t, m_i, l_i
 
 
 @triton.jit
@@ -90,10 +104,11 @@ def _varlen_attention_kernel(
     v_ptr, stride_vt, stride_vh, stride_vd,  # v: (T, HK, D)
     o_ptr, stride_ot, stride_oh, stride_od,  # o: (T, HQ, D), written
     cu_ptr,  # segment offsets: (B + 1,) int32/int64
-    D, GROUP, qk_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    GROUP, qk_scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    HAS_TAIL: tl.constexpr = D > BLOCK_D
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     seg = tl.program_id(2)
@@ -105,13 +120,20 @@ def _varlen_attention_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        mask_q = (offs_m < seq_len)[:, None] & mask_d[None, :]
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_DT)  # the tail's head dims (unused unless HAS_TAIL)
+        mask_dt = offs_dt < D
+        mask_row = (offs_m < seq_len)[:, None]
         rows = (start + offs_m)[:, None]
-        q = tl.load(q_ptr + rows * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0)
+        q_rows = q_ptr + rows * stride_qt + head * stride_qh
+        q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=mask_row & mask_d[None, :], other=0.0)
+        q_t = tl.zeros([BLOCK_M, BLOCK_DT], q.dtype)
+        if HAS_TAIL:
+            q_t = tl.load(q_rows + offs_dt[None, :] * stride_qd, mask=mask_row & mask_dt[None, :], other=0.0)
         k_seg = k_ptr + start * stride_kt + kv_head * stride_kh
         v_seg = v_ptr + start * stride_vt + kv_head * stride_vh
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc_t = tl.zeros([BLOCK_M, BLOCK_DT], tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         if CAUSAL:
@@ -120,36 +142,63 @@ def _varlen_attention_kernel(
         else:
             hi = seq_len
             unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _attend_kv_blocks(
-            acc, m_i, l_i, q, k_seg, stride_kt, stride_kd, v_seg, stride_vt, stride_vd,
-            offs_m, offs_d, mask_d, 0, unmasked_end, seq_len, qk_scale,
-            False, CAUSAL, BLOCK_N, DOT_PRECISION,
+        acc, acc_t, m_i, l_i = _attend_kv_blocks(
+            acc, acc_t, m_i, l_i, q, q_t, k_seg, stride_kt, stride_kd, v_seg, stride_vt, stride_vd,
+            offs_m, offs_d, mask_d, offs_dt, mask_dt, 0, unmasked_end, seq_len, qk_scale,
+            False, CAUSAL, BLOCK_N, HAS_TAIL, DOT_PRECISION,
         )
-        acc, m_i, l_i = _attend_kv_blocks(
-            acc, m_i, l_i, q, k_seg, stride_kt, stride_kd, v_seg, stride_vt, stride_vd,
-            offs_m, offs_d, mask_d, unmasked_end, hi, seq_len, qk_scale,
-            True, CAUSAL, BLOCK_N, DOT_PRECISION,
+        acc, acc_t, m_i, l_i = _attend_kv_blocks(
+            acc, acc_t, m_i, l_i, q, q_t, k_seg, stride_kt, stride_kd, v_seg, stride_vt, stride_vd,
+            offs_m, offs_d, mask_d, offs_dt, mask_dt, unmasked_end, hi, seq_len, qk_scale,
+            True, CAUSAL, BLOCK_N, HAS_TAIL, DOT_PRECISION,
         )
-        o = acc / l_i[:, None]
-        tl.store(o_ptr + rows * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
-                 o.to(o_ptr.dtype.element_ty), mask=mask_q)
+        o_rows = o_ptr + rows * stride_ot + head * stride_oh
+        tl.store(o_rows + offs_d[None, :] * stride_od, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=mask_row & mask_d[None, :])
+        if HAS_TAIL:
+            tl.store(o_rows + offs_dt[None, :] * stride_od, (acc_t / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=mask_row & mask_dt[None, :])
 
 
-def _launch_config(device: torch.device, dtype: torch.dtype, block_d: int) -> dict:
-    """Block sizes: small under the interpreter (many cheap programs, short test segments)."""
+def head_dim_split(d: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DT): D as a power-of-two main part plus a power-of-two tail (>= 16, the
+    smallest dot), e.g. 80 = 64 + 16, 128 = 128 + 0; the tail is 0 when one power of two fits
+    with at most 1/8 padding. D = 80 padded to 128 would do 1.6x the useful tensor-core work."""
+    full = max(16, triton.next_power_of_2(d))
+    main = max(16, full // 2) if full > d else full
+    if d <= main or full - d <= full // 8:
+        return full, 0
+    return main, max(16, triton.next_power_of_2(d - main))
+
+
+def _launch_config(device: torch.device, dtype: torch.dtype, block_d: int, block_dt: int = 0) -> dict:
+    """Block sizes: small under the interpreter (many cheap programs, short test segments).
+
+    On sm_90a (`bench/ptxas_report.py`, figures in docs/KERNELS.md):
+    - fp32: 64 x 32 blocks with 4 warps spilled ~31 KB per thread; 8 warps with 32-key
+      blocks (D = 80) or 16-key blocks (D = 128) keep everything in registers.
+    - 16-bit, D = 80 as 64 + 16: 64-row blocks on one warpgroup (4 warps), 164 registers
+      and 70 KiB of shared memory, so three blocks fit per SM (128 x 64 with 8 warps: one).
+    - 16-bit, D = 128: 128 x 64 with 8 warps, 185 registers, no spills.
+    """
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    width = block_d + block_dt
     if dtype == torch.float32:  # 4-byte tiles: keep Q + 2 stages of K, V under ~100 KiB of shared memory
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if block_d >= 128 else 4, num_stages=2 if block_d >= 128 else 3)
+        return dict(BLOCK_M=64, BLOCK_N=16 if width >= 128 else 32, num_warps=8, num_stages=2)
+    if width >= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None, config=None):
     """Attention within each packed segment; returns o (T, Hq, D) in q's dtype.
 
     q (T, Hq, D), k and v (T, Hk, D) with Hq a multiple of Hk (may be strided views);
     cu_seqlens (B+1,) int32/int64 offsets; max_seqlen an int >= the longest segment;
     causal: decoder (True) or vision tower (False); scale defaults to 1/sqrt(D).
+    config: overrides of the launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages,
+    maxnreg), for benchmarks comparing block shapes; None uses `_launch_config`.
     """
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
@@ -183,8 +232,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
         return out
 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    block_d = max(16, triton.next_power_of_2(d))
-    cfg = _launch_config(q.device, q.dtype, block_d)
+    block_d, block_dt = head_dim_split(d)
+    cfg = _launch_config(q.device, q.dtype, block_d, block_dt)
+    cfg.update(config or {})
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), hq, num_segments)
     _varlen_attention_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
@@ -192,8 +242,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale=None):
         v, v.stride(0), v.stride(1), v.stride(2),
         out, out.stride(0), out.stride(1), out.stride(2),
         cu_seqlens.contiguous(),
-        d, hq // hk, scale * _LOG2E,
-        CAUSAL=bool(causal), BLOCK_D=block_d,
+        hq // hk, scale * _LOG2E,
+        D=d, CAUSAL=bool(causal), BLOCK_D=block_d, BLOCK_DT=max(block_dt, 16),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **cfg,
     )

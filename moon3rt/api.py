@@ -339,6 +339,26 @@ class Encoder:
         except ItemError as err:
             return err.detached()
 
+    # ------------------------------------------------ batches formed by the caller (the server)
+    @staticmethod
+    def batch_cost(prepared: PreparedItem, plan: ReasoningPlan | None = None) -> int:
+        """What one prepared item costs a `TokenBudget`, as `encode` counts it (plus room to reason)."""
+        return prepared.cost + (plan.max_tokens + len(plan.close_ids) if plan is not None else 0)
+
+    def embed_prepared(self, prepared: Sequence[PreparedItem], plan: ReasoningPlan | None = None) -> EncodeResult:
+        """Embed items made by `prepare` as one batch; rows are raw (full width, not normalised).
+
+        For callers that group items themselves (by `TokenBudget` and `batch_cost`) and apply
+        `model.matryoshka` per request. As in `encode`, a batch that fails is retried item by
+        item, so only the culprit fails; failure indices are positions in `prepared`.
+        """
+        out = np.full((len(prepared), self.dim), np.nan, dtype=np.float32)
+        texts: list[str | None] | None = [None] * len(prepared) if plan is not None else None
+        failures: dict[int, ItemError] = {}
+        self._run(list(range(len(prepared))), dict(enumerate(prepared)), out, failures, None, False, "skip",
+                  plan, texts)
+        return EncodeResult(out, sorted(failures.values(), key=lambda f: f.index), texts)
+
     def _embed_batch(self, indices, prepared, plan, texts) -> torch.Tensor:
         batch = pack([prepared[i] for i in indices], self.config.vision.spatial_merge_size,
                      pin_memory=self.device.type == "cuda")

@@ -192,6 +192,24 @@ def _add_encode_args(enc: argparse.ArgumentParser) -> None:
                      help="embedding actors (default: one per GPU in the cluster, or 1 without GPUs)")
     ray.add_argument("--cpus-per-actor", type=float, default=None,
                      help="CPUs reserved per actor for its image decoding threads (default: 4 with GPUs, else 1)")
+def cmd_serve(args) -> int:
+    try:
+        from moon3rt.serve import ServeSettings, run
+    except ImportError as err:
+        raise SystemExit(f"error: serve needs the serve extra ({err.name} is missing): "
+                         "pip install 'moon3rt[serve]'") from None
+    import os
+
+    import moon3rt
+
+    fields = set(ServeSettings.__dataclass_fields__)
+    settings = ServeSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    settings.api_key = settings.api_key or os.environ.get("MOON3RT_API_KEY") or None
+    devices = args.devices.split(",") if args.devices else [args.device]
+    encoders = [moon3rt.load(args.model, device=d, dtype=args.dtype, backend=args.backend, flavour=args.flavour,
+                             reasoning=args.reasoning) for d in devices]
+    run(settings, encoders)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +232,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     info.add_argument("--json", action="store_true", help="also print the full config as JSON")
     info.set_defaults(func=cmd_info)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible embedding server (POST /v1/embeddings), requests "
+                         "batched together; needs pip install 'moon3rt[serve]'")
+    _add_model_args(srv)
+    srv.add_argument("--devices", default=None, help="one Encoder per device, sharing one queue: cuda:0,cuda:1 "
+                     "(overrides --device)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                     "preset, or the checkpoint directory's name)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
+                     "$MOON3RT_API_KEY; none: open)")
+    srv.add_argument("--max-batch-tokens", type=int, default=16384, help="decoder tokens + vision patches per batch")
+    srv.add_argument("--max-batch-items", type=int, default=64, help="items per batch")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest an item waits for a batch to fill "
+                     "while more items are being prepared (default 5)")
+    srv.add_argument("--max-queue-items", type=int, default=1024, help="items waiting at most; beyond: 429")
+    srv.add_argument("--workers", type=int, default=4, help="preprocessing threads (decode, resize, tokenise)")
+    srv.add_argument("--max-items-per-request", type=int, default=256)
+    srv.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit in MiB; beyond: 413")
+    srv.add_argument("--max-image-pixels", type=int, default=40_000_000, help="per image, from its header; "
+                     "beyond: 422")
+    srv.add_argument("--allow-path", dest="allow_paths", action="append", default=[], metavar="DIR",
+                     help="accept absolute image file paths under DIR (repeatable; default: data: URIs only)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish queued work after "
+                     "SIGTERM/SIGINT (default 30)")
+    srv.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=None,
+                     help="reason before embedding unless a request says otherwise (default: the checkpoint's)")
+    srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

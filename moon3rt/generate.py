@@ -28,6 +28,12 @@ Positions: a generated token continues its item, at 1 + the largest position the
 has used, on all three M-RoPE rows (how Qwen2-VL continues after images); sequential 1-D
 positions (GME) continue the same way. The closing tokens continue likewise.
 
+Sampling (`moon3rt.sampling`, for reinforcement learning; docs/RL.md): with a `Sampling`,
+each token is drawn at a temperature within a nucleus instead of taken greedily, and
+`rollouts` = G continuations of every item share its prefill: the prompt runs once, its
+cached keys and values are copied into G slots, and the G rows decode on as separate
+items (rows b*G .. b*G+G-1 are item b's). Rollouts cost decode steps, not prefills.
+
 A decoder is anything with the three methods `TorchDecoder` has: `TorchDecoder` is the
 plain-torch step, the oracle, and `TritonBackend` implements them with its fused kernels
 and `kernels.decode_attention`. `generate_naive` reruns the whole sequence at every step
@@ -45,6 +51,7 @@ from .config import TextConfig
 from .kernels.decode_attention import decode_attention_ref
 from .model import Moon3Model, PackedBatch, segments
 from .prompt import ReasoningPlan
+from .sampling import Sampler, Sampling, masked_logits
 
 
 @dataclass
@@ -65,18 +72,27 @@ class KVCache:
         shape = (cfg.num_hidden_layers, max_items, max_len, cfg.num_key_value_heads, cfg.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def prefill_sink(self, cu_seqlens: torch.Tensor):
-        """A `kv_sink(layer, k, v)` that scatters a packed batch's k/v (T, Hk, D) into the slots."""
+    def prefill_sink(self, cu_seqlens: torch.Tensor, rollouts: int = 1):
+        """A `kv_sink(layer, k, v)` that scatters a packed batch's k/v (T, Hk, D) into the slots:
+        item b's into slot b * rollouts (`fork` then copies it to the item's other rollouts)."""
         cu = cu_seqlens.to(self.k.device, torch.int64)
         lengths = cu[1:] - cu[:-1]
-        slot = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
-        offset = torch.arange(slot.numel(), device=cu.device) - cu[slot]
+        item = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+        offset = torch.arange(item.numel(), device=cu.device) - cu[item]
+        slot = item * rollouts
 
         def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             self.k[layer, slot, offset] = k
             self.v[layer, slot, offset] = v
 
         return sink
+
+    def fork(self, rollouts: int) -> None:
+        """Copy slot b * rollouts into slots b * rollouts + 1 .. (b + 1) * rollouts - 1, every b."""
+        if rollouts > 1:
+            for cache in (self.k, self.v):
+                groups = cache.view(cache.shape[0], -1, rollouts, *cache.shape[2:])
+                groups[:, :, 1:] = groups[:, :, :1]
 
 
 class TorchDecoder:
@@ -129,12 +145,16 @@ def greedy_tokens(lm_weight: torch.Tensor, h: torch.Tensor, plan: ReasoningPlan)
 
 @dataclass
 class Reasoned:
-    """What reasoning mode produced for a batch, items in batch order."""
+    """What reasoning mode produced for a batch: one row per item in batch order (with
+    `rollouts` G, G rows per item, item b's at rows b*G .. b*G+G-1)."""
 
-    vectors: torch.Tensor  # (B, out) fp32, un-normalised: MHMF + projection of the <emb> states
-    tokens: list[list[int]]  # each item's reasoning tokens (a final stop token left out)
+    vectors: torch.Tensor  # (rows, out) fp32, un-normalised: MHMF + projection of the <emb> states
+    tokens: list[list[int]]  # each row's reasoning tokens (a final stop token left out)
     stops: list[str]  # why each item stopped: "end_marker", "eos" or "budget"
     steps: int  # decode steps run for the batch
+    # each row's drawn tokens: its reasoning tokens, then the stop token it drew (none on "budget")
+    sampled: list[list[int]] | None = None
+    logprobs: list[list[float]] | None = None  # with a `Sampling`: log-probs of `sampled` (moon3rt.sampling)
 
 
 class _Item:
@@ -163,20 +183,49 @@ class _Item:
 
 
 @torch.inference_mode()
-def generate(decoder, batch: PackedBatch, plan: ReasoningPlan, lm_weight: torch.Tensor) -> Reasoned:
-    """Reason, then embed, for every item of a packed batch of reasoning prompts."""
+def generate(decoder, batch: PackedBatch, plan: ReasoningPlan, lm_weight: torch.Tensor,
+             sampling: Sampling | None = None, rollouts: int = 1) -> Reasoned:
+    """Reason, then embed, for every item of a packed batch of reasoning prompts.
+
+    Greedy without `sampling` (the inference default). With it, `rollouts` sampled
+    continuations per item share the item's prefill; the result has B * rollouts rows,
+    item b's rollouts at rows b * rollouts .. (b + 1) * rollouts - 1, with `logprobs`.
+    """
+    if isinstance(rollouts, bool) or not isinstance(rollouts, int) or rollouts < 1:
+        raise ValueError(f"rollouts must be an integer >= 1, got {rollouts!r}")
+    if rollouts > 1 and sampling is None:
+        raise ValueError("rollouts > 1 needs a Sampling: greedy rollouts of one prompt are all the same")
     device, text = decoder.device, decoder.model.cfg.text
     bounds = segments(batch.cu_seqlens)
     positions = batch.position_ids
-    items = [_Item(end - start, int(positions[:, start:end].max()) + 1) for start, end in bounds]
+    items = [_Item(end - start, int(positions[:, start:end].max()) + 1) for start, end in bounds
+             for _ in range(rollouts)]
     max_len = max(it.length for it in items) + plan.max_tokens + len(plan.close_ids)
     dtype = decoder.model.language_model.embed_tokens.weight.dtype
     cache = KVCache.allocate(text, len(items), max_len, dtype, device)
+    sampled: list[list[int]] = [[] for _ in items]
+    logprobs: list[list[float]] | None = None if sampling is None else [[] for _ in items]
+    sampler = None if sampling is None else Sampler(sampling, len(items), device)
 
-    h, v = decoder.hidden_states(batch, kv_sink=cache.prefill_sink(batch.cu_seqlens))
+    def draw(states: torch.Tensor, rows: list[int]) -> list[int]:
+        """The next token of each row (greedy, or drawn by the sampler), recorded per row."""
+        if sampler is None:
+            tokens = greedy_tokens(lm_weight, states, plan).tolist()
+        else:
+            chosen, logp = sampler(masked_logits(lm_weight, states, plan.suppressed_ids), rows)
+            tokens = chosen.tolist()
+            for row, lp in zip(rows, logp.tolist()):
+                logprobs[row].append(lp)
+        for row, token in zip(rows, tokens):
+            sampled[row].append(token)
+        return tokens
+
+    h, v = decoder.hidden_states(batch, kv_sink=cache.prefill_sink(batch.cu_seqlens, rollouts))
+    cache.fork(rollouts)
     if plan.max_tokens > 0:
         last = torch.tensor([end - 1 for _, end in bounds], device=h.device)
-        for it, token in zip(items, greedy_tokens(lm_weight, h[last], plan).tolist()):
+        first = h[last].repeat_interleave(rollouts, dim=0) if rollouts > 1 else h[last]
+        for it, token in zip(items, draw(first, list(range(len(items))))):
             it.take(token, plan)
     else:
         for it in items:
@@ -207,13 +256,17 @@ def generate(decoder, batch: PackedBatch, plan: ReasoningPlan, lm_weight: torch.
             else:  # it has just fed <emb>
                 pooled[b] = states[row]
         if reasoning_rows:
-            tokens = greedy_tokens(lm_weight, states[reasoning_rows], plan).tolist()
+            tokens = draw(states[reasoning_rows], [active[row] for row in reasoning_rows])
             for row, token in zip(reasoning_rows, tokens):
                 items[active[row]].take(token, plan)
         active = still
 
-    vectors = decoder.heads(pooled, v, batch)
-    return Reasoned(vectors, [it.tokens for it in items], [it.stop for it in items], steps)
+    if rollouts == 1:
+        vectors = decoder.heads(pooled, v, batch)
+    else:  # rollout g of every item, as one batch of the original items
+        vectors = torch.stack([decoder.heads(pooled[g::rollouts], v, batch) for g in range(rollouts)], dim=1)
+        vectors = vectors.flatten(0, 1)
+    return Reasoned(vectors, [it.tokens for it in items], [it.stop for it in items], steps, sampled, logprobs)
 
 
 def _extend(batch: PackedBatch, new_tokens: list[int], next_position: int) -> PackedBatch:

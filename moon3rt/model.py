@@ -387,17 +387,21 @@ class Moon3Model(nn.Module):
     def projection(self) -> nn.Linear | None:
         return getattr(getattr(self, "moon3", None), "projection", None)
 
-    def hidden_states(self, batch: PackedBatch, kv_sink=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def hidden_states(self, batch: PackedBatch, kv_sink=None,
+                      vision: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Final-norm hidden states (T, d) of the packed batch, and the raw image signal V.
 
         `kv_sink(layer, k, v)`, when given, receives each decoder layer's rotated keys and
         values (T, Hk, D): the prefill of reasoning mode's KV cache (`moon3rt.generate`).
+        `vision`, when given, is the vision tower's (Z, V) for the batch's image tokens in
+        packed order, computed elsewhere (one pass shared by sequences that repeat the same
+        images, as RL rollouts do); the batch's pixel_values are then not read.
         """
         lm = self.language_model
         h = lm.embed_tokens(batch.input_ids)
         image_rows = v = r = None
-        if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
-            z, v = self.visual(batch.pixel_values, batch.image_grid_thw)
+        if vision is not None or (batch.pixel_values is not None and batch.pixel_values.shape[0] > 0):
+            z, v = vision if vision is not None else self.visual(batch.pixel_values, batch.image_grid_thw)
             image_rows = torch.nonzero(batch.input_ids == self.cfg.image_token_id).squeeze(1)
             if image_rows.numel() != v.shape[0]:
                 raise ValueError(f"{image_rows.numel()} <|image_pad|> tokens but {v.shape[0]} merged image tokens")

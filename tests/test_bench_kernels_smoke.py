@@ -22,3 +22,8 @@ def test_kernel_benchmark_smoke(tmp_path):
         assert row["triton_ms"] > 0 and row["torch_ms"] > 0
         assert row["pct_limit"] >= 0
     assert record["commit"] and record["versions"]["triton"]
+    # the memory-bound goals are marked, informational on a CPU (not the goals' setting)
+    goals = {g["op"]: g for g in record["goals"]}
+    assert set(goals) == {"rms_norm+residual", "fusion_attention"}
+    assert all(g["status"] in ("met", "missed") and g["applies"] is False for g in goals.values())
+    assert record["goals_verdict"]["total"] == 2 and not record["goals_verdict"]["applies"]

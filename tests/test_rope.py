@@ -8,6 +8,7 @@ from moon3rt.kernels.rope import (
     apply_rope_,
     apply_vision_rope_,
     apply_vision_rope_ref,
+    head_block,
     mrope_cos_sin_ref,
     rope_ref,
 )
@@ -20,7 +21,13 @@ DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()
 
 # (T, Hq, Hk, D): a single token, primes, GQA ratios 1 and 6, D = 80 (vision) is not a power of 2
-SHAPES = [(1, 1, 1, 16), (7, 6, 1, 64), (13, 12, 2, 80), (5, 3, 3, 2), (19, 4, 2, 128)]
+SHAPES = [(1, 1, 1, 16), (7, 6, 1, 64), (13, 12, 2, 80), (5, 3, 3, 2), (19, 4, 2, 128), (3, 28, 4, 16)]
+
+
+@pytest.mark.parametrize("h, block", [(1, 1), (2, 2), (3, 4), (6, 8), (12, 4), (16, 16), (28, 4), (32, 16), (40, 8)])
+def test_head_block(h, block):
+    # each tensor's heads per step: no masked lanes where a power of two >= 4 divides h
+    assert head_block(h) == block
 
 
 def _qk(t, hq, hk, d, dtype, seed, fused=False):

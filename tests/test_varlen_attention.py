@@ -8,7 +8,7 @@ from moon3rt.kernels.testing import (
     interpreter_or_cuda,
     kernel_dtypes,
 )
-from moon3rt.kernels.varlen_attention import varlen_attention, varlen_attention_ref
+from moon3rt.kernels.varlen_attention import head_dim_split, varlen_attention, varlen_attention_ref
 
 DEVICE = interpreter_or_cuda()
 DTYPES = kernel_dtypes()
@@ -50,6 +50,23 @@ def test_varlen_attention(hq, hk, d, lengths, causal, dtype):
     out = varlen_attention(q, k, v, cu, max(lengths), causal)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     _check(out, q, k, v, cu, causal)
+
+
+@pytest.mark.parametrize("d, split", [(24, (16, 16)), (48, (32, 16)), (72, (64, 16)), (80, (64, 16)),
+                                      (96, (64, 32)), (112, (128, 0)), (128, (128, 0))])
+def test_head_dim_split(d, split):
+    assert head_dim_split(d) == split
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq, hk, d", [(2, 1, 24), (2, 2, 72), (3, 1, 96)])
+def test_head_dim_with_tail(hq, hk, d, causal, dtype):
+    # a main power-of-two part plus a tail (16 or 32 wide, partly masked for 24 and 72)
+    lengths = [17, 0, 33]
+    cu = _cu(lengths)
+    q, k, v = _qkv(sum(lengths), hq, hk, d, dtype, seed=d)
+    _check(varlen_attention(q, k, v, cu, max(lengths), causal), q, k, v, cu, causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -130,3 +147,27 @@ def test_varlen_attention_gpu_size(hq, hk, d, lengths, causal, dtype):
     cu = _cu(lengths)
     q, k, v = _qkv(sum(lengths), hq, hk, d, dtype, seed=7)
     _check(varlen_attention(q, k, v, cu, max(lengths), causal), q, k, v, cu, causal)
+
+
+# The CPU runs above use the interpreter's 16 x 16 blocks; on a GPU the same edge cases meet
+# the real block shapes (64 or 128 rows, the 64 + 16 head-dim split) in 16-bit dtypes.
+GPU_EDGE_SEGMENTS = [[0, 1, 0, 1], [1, 129, 0, 64, 65, 0], [1000, 1, 0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU case: real block shapes in bf16/fp16")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", GPU_EDGE_SEGMENTS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_edge_cases_gpu(lengths, causal, dtype):
+    cu = _cu(lengths)
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(len(lengths))
+    # the vision tower's fused qkv views (D = 80, strided)
+    qkv = torch.randn(n, 3 * 16 * 80, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.view(n, 3, 16, 80).unbind(1)
+    _check(varlen_attention(q, k, v, cu, max(lengths), causal), q, k, v, cu, causal, name="o (vision views)")
+    # the 2B decoder's [q | k | v] projection split by heads: GQA 6 (12 query heads, 2 kv heads), D = 128
+    packed = torch.randn(n, 16, 128, generator=g).to(DEVICE, dtype)
+    q, k, v = packed.split([12, 2, 2], dim=1)
+    _check(varlen_attention(q, k, v, cu, max(lengths), causal), q, k, v, cu, causal, name="o (GQA split views)")

@@ -15,6 +15,10 @@ GEMMs stay on cuBLAS through torch; everything between them is a kernel from
   `decode_step` runs one token per item with the same kernels and
   `kernels.decode_attention` over the KV cache.
 
+`embed` splits a forward in two: `prepare` (host work and copies to the device) and
+`forward` (device work only, never a sync), so that on CUDA the forward is captured as
+a CUDA graph per shape bucket and replayed (`cuda_graphs.py`): ~600 launches become one.
+
 q/k/v and gate/up weights are concatenated once into single GEMMs; the model's own
 parameters become views into the concatenated tensors, so nothing is stored twice and
 the torch backend keeps working on the same model. Needs a CUDA device, or
@@ -31,6 +35,7 @@ from torch import nn
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.fire import fire_inject_, fire_prologue
+from ..kernels.fused_gemm import linear_quick_gelu, linear_swiglu
 from ..kernels.fusion_attention import fusion_attention
 from ..kernels.layer_norm import layer_norm
 from ..kernels.quick_gelu import bias_quick_gelu
@@ -39,6 +44,7 @@ from ..kernels.rope import apply_mrope_, apply_vision_rope_
 from ..kernels.swiglu import swiglu_packed
 from ..kernels.varlen_attention import varlen_attention
 from ..model import Moon3Model, PackedBatch, rope_inv_freq, vision_positions
+from .cuda_graphs import ForwardInputs, GraphCache
 
 
 def _concat_into_views(modules_and_names: list[tuple[nn.Module, str]]) -> torch.Tensor:
@@ -57,16 +63,38 @@ def _max_len(cu: torch.Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
+GEMM_EPILOGUES = ("cublas", "fused")
+
+
 class TritonBackend:
+    """`cuda_graphs`: replay `embed`'s forward as a CUDA graph per shape bucket (default: on
+    CUDA, unless ``MOON3RT_CUDA_GRAPHS=0``). `gemm_epilogue`: "cublas" runs fc1 and gate/up on
+    cuBLAS and the activation as its own kernel; "fused" runs them as Triton GEMMs with the
+    activation in the epilogue (`kernels.fused_gemm`). Default: ``MOON3RT_GEMM_EPILOGUE``,
+    else "cublas" (the fused GEMMs have not been timed against cuBLAS on a GPU yet:
+    bench/bench_kernels.py measures both)."""
+
     name = "triton"
 
-    def __init__(self, model: Moon3Model, device: torch.device):
+    def __init__(self, model: Moon3Model, device: torch.device, gemm_epilogue: str | None = None,
+                 cuda_graphs: bool | None = None):
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 "backend='triton' needs a CUDA device; on a CPU it runs only under TRITON_INTERPRET=1 "
                 "(Triton's interpreter, for tests)"
             )
         self.model, self.device, self.cfg = model, device, model.cfg
+        self.gemm_epilogue = gemm_epilogue or os.environ.get("MOON3RT_GEMM_EPILOGUE", "cublas")
+        if self.gemm_epilogue not in GEMM_EPILOGUES:
+            raise ValueError(f"gemm_epilogue={self.gemm_epilogue!r} (MOON3RT_GEMM_EPILOGUE): expected one of "
+                             f"{list(GEMM_EPILOGUES)}")
+        # embed() replays a CUDA graph per shape bucket (moon3rt/backends/cuda_graphs.py) on CUDA
+        # unless MOON3RT_CUDA_GRAPHS=0; the heads after the forward run eagerly
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda" and os.environ.get("MOON3RT_CUDA_GRAPHS", "1") != "0"
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs a CUDA device")
+        self.graphs = GraphCache(self.forward) if cuda_graphs else None
         # decode attention splits caches into chunks of this many keys on a GPU (split-K:
         # a few long caches still fill the SMs); fixed, so results never depend on the batch
         self.kv_chunk = 256 if device.type == "cuda" else None
@@ -84,16 +112,17 @@ class TritonBackend:
         self.vision_inv_freq = rope_inv_freq(v.rope_theta, v.head_dim // 2, device)
 
     # ------------------------------------------------------------------------ vision
-    def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z, V) of the vision tower; `grid_thw` is read on the host (no device sync)."""
-        tower, cfg = self.model.visual, self.cfg.vision
-        grid_host = grid_thw.cpu()
-        positions = vision_positions(grid_host, cfg.spatial_merge_size).to(self.device)
+    def _vision_layout(self, grid_host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(N, 2) patch positions and (I+1,) image offsets on the device, and the longest image."""
+        positions = vision_positions(grid_host, self.cfg.vision.spatial_merge_size).to(self.device)
         lengths = grid_host.prod(-1).to(torch.int32)
         cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        max_len = _max_len(cu)
-        cu = cu.to(self.device)
-        x = tower.patch_embed(pixel_values.to(self.device))
+        return positions, cu.to(self.device), _max_len(cu)
+
+    def _vision_tower(self, pixel_values, positions, cu, max_len) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z, V) of the vision tower from patches, their positions and the images' offsets (device)."""
+        tower, cfg = self.model.visual, self.cfg.vision
+        x = tower.patch_embed(pixel_values)
         n, heads = x.shape[0], cfg.num_heads
         out = None
         for block in tower.blocks:
@@ -107,8 +136,7 @@ class TritonBackend:
             attn = varlen_attention(q, k, v, cu, max_len, causal=False)
             out = F.linear(attn.reshape(n, -1), block.attn.proj.weight, block.attn.proj.bias)
             y, x = layer_norm(out, block.norm2.weight, block.norm2.bias, block.norm2.eps, residual=x)
-            # the bias stays in the GEMM (rounded once, as nn.Linear does); QuickGELU is the kernel
-            hidden = bias_quick_gelu(F.linear(y, block.mlp.fc1.weight, block.mlp.fc1.bias))
+            hidden = self._fc1_quick_gelu(y, block.mlp.fc1)
             out = F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias)
         merger = tower.merger
         if out is None:
@@ -119,24 +147,39 @@ class TritonBackend:
         return z, merger.mlp(z)
 
     # ----------------------------------------------------------------------- decoder
-    def hidden_states(self, batch: PackedBatch, kv_sink=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As `Moon3Model.hidden_states`; `kv_sink(layer, k, v)` receives the rotated k/v."""
-        model, cfg = self.model, self.cfg
-        lm = model.language_model
-        # Everything shape-like is read from the host batch, so the forward never waits on the device.
+    def prepare(self, batch: PackedBatch) -> ForwardInputs:
+        """The batch's tensors on the device and its shape-like values on the host: everything the
+        forward reads, so that the forward itself never waits on the device (and can be a graph)."""
+        cfg = self.cfg
         max_len = _max_len(batch.cu_seqlens.cpu())
         has_images = batch.pixel_values is not None and batch.pixel_values.shape[0] > 0
+        rows = None
         if has_images:
             grid_host = batch.image_grid_thw.cpu()
-            rows = torch.nonzero(batch.input_ids.cpu() == cfg.image_token_id).squeeze(1).to(self.device)
-        batch = batch.to(self.device, non_blocking=True)
-        h = lm.embed_tokens(batch.input_ids)
-        v = r = None
+            rows = torch.nonzero(batch.input_ids.cpu() == cfg.image_token_id).squeeze(1)
+            patches = int(grid_host.prod(-1).sum())
+            merge = cfg.vision.spatial_merge_size ** 2
+            if rows.numel() * merge != patches:
+                raise ValueError(f"{rows.numel()} <|image_pad|> tokens but {patches // merge} merged image tokens")
+            rows = rows.to(self.device)
+        moved = batch.to(self.device, non_blocking=True)
+        inputs = ForwardInputs(moved.input_ids, moved.position_ids, moved.cu_seqlens, max_len)
         if has_images:
-            z, v = self.vision(batch.pixel_values, grid_host)
-            if rows.numel() != v.shape[0]:
-                raise ValueError(f"{rows.numel()} <|image_pad|> tokens but {v.shape[0]} merged image tokens")
-            h.index_copy_(0, rows, v.to(h.dtype))
+            positions, cu, vision_max = self._vision_layout(grid_host)
+            inputs.pixel_values, inputs.vision_positions, inputs.vision_cu = moved.pixel_values, positions, cu
+            inputs.vision_max_len, inputs.image_rows = vision_max, rows
+        return inputs
+
+    def forward(self, inputs: ForwardInputs, kv_sink=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, V) from prepared inputs: device work only, no host syncs."""
+        model = self.model
+        lm = model.language_model
+        h = lm.embed_tokens(inputs.input_ids)
+        v = r = None
+        if inputs.pixel_values is not None:
+            z, v = self._vision_tower(inputs.pixel_values, inputs.vision_positions, inputs.vision_cu,
+                                      inputs.vision_max_len)
+            h.index_copy_(0, inputs.image_rows, v.to(h.dtype))
             if model.fire is not None:
                 r = fire_prologue(z, model.fire.norm.weight, model.fire.down.weight, model.fire.norm.eps)
         fire_slots = {layer: slot for slot, layer in enumerate(model.fire.layers)} if model.fire is not None else {}
@@ -144,16 +187,20 @@ class TritonBackend:
         def attend(i, q, k, vv):
             if kv_sink is not None:
                 kv_sink(i, k, vv)
-            return varlen_attention(q, k, vv, batch.cu_seqlens, max_len, causal=True)
+            return varlen_attention(q, k, vv, inputs.cu_seqlens, inputs.max_len, causal=True)
 
         out = None  # the sublayer output not yet added to the residual stream h
         for i, layer in enumerate(lm.layers):
-            h, out = self._decoder_layer(i, layer, h, out, batch.position_ids, attend)
+            h, out = self._decoder_layer(i, layer, h, out, inputs.position_ids, attend)
             if r is not None and i in fire_slots:
                 h, out = h + out, None
                 slot = fire_slots[i]
-                fire_inject_(h, rows, r, model.fire.up[slot], model.fire.alpha[slot])
+                fire_inject_(h, inputs.image_rows, r, model.fire.up[slot], model.fire.alpha[slot])
         return self._final_norm(h, out), v
+
+    def hidden_states(self, batch: PackedBatch, kv_sink=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `Moon3Model.hidden_states`; `kv_sink(layer, k, v)` receives the rotated k/v."""
+        return self.forward(self.prepare(batch), kv_sink)
 
     def decode_step(self, tokens, positions, slots, lengths, cache) -> torch.Tensor:
         """One token per active item (see `moon3rt.generate.TorchDecoder.decode_step`): (A, d)."""
@@ -187,8 +234,19 @@ class TritonBackend:
         out = F.linear(attend(i, q, k, vv).reshape(n, -1), layer.self_attn.o_proj.weight)
         norm = layer.post_attention_layernorm
         y, h = rms_norm(out, norm.weight, norm.eps, residual=h)
-        out = F.linear(swiglu_packed(F.linear(y, self.gate_up[i])), layer.mlp.down_proj.weight)
+        out = F.linear(self._gate_up_swiglu(y, self.gate_up[i]), layer.mlp.down_proj.weight)
         return h, out
+
+    def _fc1_quick_gelu(self, y, fc1):
+        if self.gemm_epilogue == "fused":
+            return linear_quick_gelu(y, fc1.weight, fc1.bias)
+        # the bias stays in the GEMM (rounded once, as nn.Linear does); QuickGELU is the kernel
+        return bias_quick_gelu(F.linear(y, fc1.weight, fc1.bias))
+
+    def _gate_up_swiglu(self, y, gate_up):
+        if self.gemm_epilogue == "fused":
+            return linear_swiglu(y, gate_up)
+        return swiglu_packed(F.linear(y, gate_up))
 
     def _final_norm(self, h, out):
         norm = self.model.language_model.norm
@@ -222,7 +280,9 @@ class TritonBackend:
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> torch.Tensor:
-        h, v = self.hidden_states(batch)
+        inputs = self.prepare(batch)
+        replayed = self.graphs.run(inputs) if self.graphs is not None else None
+        h, v = replayed if replayed is not None else self.forward(inputs)
         index = self._head_inputs(batch)
         return self.model.heads(self.model.pool(h, index), v, index, fusion=self.fusion)
 

@@ -1,0 +1,1 @@
+"""Training moon3rt models (shipped as ``moon3rt.train``): losses, the RL stage, the loop."""
