@@ -287,9 +287,21 @@ def test_generation_config_sets_the_stops_and_the_budget(checkpoint, tmp_path):
     assert plan.stop_ids == (IM_END,) and plan.max_tokens == 2048  # capped
     (path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 300, "do_sample": True, "top_k": 20}))
     with pytest.warns(UserWarning, match="decodes greedily"):
-        plan = moon3rt.load(path, device="cpu").reasoning_plan()
+        enc = moon3rt.load(path, device="cpu")
+    plan = enc.reasoning_plan()
     assert plan.stop_ids == (IM_END, EOT) and plan.max_tokens == 300
-    assert moon3rt.load(path, device="cpu").reasoning_plan(5).max_tokens == 5
+    assert enc.reasoning_plan(5).max_tokens == 5
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": "<|im_end|>"}))
+    with pytest.raises(ValueError, match="eos_token_id must be an integer"):
+        moon3rt.load(path, device="cpu")
+
+
+def test_a_bad_image_fails_alone(encoder):
+    items = ["red cotton t-shirt", {"text": "a ribbon", "image": rgb(2, 500, 7)}, as_item(*CASES[2])]
+    result = encoder.encode_with_report(items, reasoning=True, max_reasoning_tokens=4)
+    assert [f.index for f in result.failures] == [1] and "aspect ratio" in str(result.failures[0])
+    assert np.isnan(result.embeddings[1]).all() and np.isfinite(result.embeddings[[0, 2]]).all()
+    assert result.reasoning[1] is None and result.reasoning[0] is not None
 
 
 def test_triton_backend_matches(checkpoint, encoder):
