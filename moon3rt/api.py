@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import ume_r1
 from .backends import create_backend
 from .batching import TokenBudget, pack
 from .checkpoint import CheckpointError, load_model
-from .config import PRESETS, Moon3Config
+from .config import PRESETS, UME_R1_TOKENS, Moon3Config, detect_flavour
 from .images import CLIP_MEAN, CLIP_STD, MAX_ASPECT_RATIO, ImageError, gme_pre_resize, load_image, preprocess_image
 from .items import Item, ItemError, to_item
 from .model import Moon3Model, matryoshka, random_model
@@ -103,16 +104,17 @@ class Encoder:
     """A loaded model plus its preprocessing; `encode` is safe to call from several threads.
 
     `reasoning`: whether `encode` reasons before it embeds by default (None: the
-    checkpoint's ``moon3.reasoning.enabled``).
+    checkpoint's ``moon3.reasoning.enabled``). `generation`: a UME-R1 checkpoint's
+    decoding settings (from its generation_config.json).
     """
 
     def __init__(self, model: Moon3Model, tokenizer, device: torch.device, dtype: torch.dtype,
                  backend: str = "torch", name: str = "", image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                 reasoning: bool | None = None):
+                 reasoning: bool | None = None, generation: ume_r1.Generation | None = None):
         self.model = model
         self.config: Moon3Config = model.cfg
         self.device, self.dtype, self.name = device, dtype, name
-        self.prompt = PromptBuilder(self.config, tokenizer)
+        self.prompt = PromptBuilder(self.config, tokenizer, generation)
         self.backend = create_backend(backend, model, device)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.reasoning = self.config.reasoning.enabled if reasoning is None else bool(reasoning)
@@ -138,13 +140,18 @@ class Encoder:
         item = to_item(obj, index)
         cfg, v = self.config, self.config.vision
         images = []
-        for j, source in enumerate(item.images):
+        sources = item.images
+        if cfg.flavour == "ume-r1" and not sources:  # UME-R1's inputs always hold a visual
+            sources = [ume_r1.blank_image()]
+        for j, source in enumerate(sources):
             try:
                 gme = cfg.flavour == "gme"  # GME's own code drops alpha before its processor
                 image = load_image(source, target_pixels=cfg.max_pixels, composite_alpha=not gme,
                                    max_aspect_ratio=None if gme else MAX_ASPECT_RATIO)
                 if gme:
                     image = gme_pre_resize(image)
+                elif cfg.flavour == "ume-r1":  # qwen-vl-utils' resize, then the processor's
+                    image = ume_r1.pre_resize(image)
                 images.append(preprocess_image(
                     image, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, patch_size=v.patch_size,
                     merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
@@ -178,6 +185,10 @@ class Encoder:
         at the end marker, end of text or `max_reasoning_tokens` (default
         ``moon3.reasoning.max_tokens``). return_reasoning: return ``(embeddings, texts)``,
         the generated text per item (None for a failed item).
+        UME-R1 checkpoints: reasoning=False is their discriminative embedding (the state at
+        ``<disc_emb>``), reasoning=True their generative one (the state at the generated
+        ``<gen_emb>``; decoding stops at the end-of-text ids of generation_config.json, and
+        `max_reasoning_tokens` defaults to its max_new_tokens, at most 2048, else 2048).
         """
         if return_reasoning and not (self.reasoning if reasoning is None else reasoning):
             raise ValueError("return_reasoning=True needs reasoning mode: pass reasoning=True")
@@ -456,7 +467,7 @@ def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | N
     """Load a preset (random weights, see `Moon3Config.from_name`) or a checkpoint directory.
 
     device: default CUDA when present, else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
-    flavour: override the checkpoint's detected recipe ("moon3", "gme", "qwen2-vl").
+    flavour: override the checkpoint's detected recipe ("moon3", "gme", "ume-r1", "qwen2-vl").
     reasoning: whether `encode` reasons before it embeds by default (None: the checkpoint's
     ``moon3.reasoning.enabled``, false when absent). A model that cannot reason still loads;
     `encode(reasoning=True)` says why it cannot.
@@ -483,15 +494,33 @@ def load(model: str | os.PathLike = "moon3-tiny", device: str | torch.device | N
 def _load_directory(directory: Path, name: str, device, dtype, backend, flavour, reasoning) -> Encoder:
     if not (directory / "tokenizer.json").exists():
         raise CheckpointError(f"{directory}: no tokenizer.json")
-    net = load_model(directory, dtype=dtype, device=device, flavour=flavour)
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    net = load_model(directory, dtype=dtype, device=device, flavour=flavour or _tokenizer_flavour(directory, tokenizer))
     raw = json.loads((directory / "config.json").read_text())
     mean, std = _preprocessor_overrides(directory, net.cfg, raw)
     net.cfg.validate()
+    generation = None
+    if net.cfg.flavour == "ume-r1":
+        generation = ume_r1.Generation.from_file(directory / "generation_config.json")
     try:  # the tokenizer must suit the config: found here, not as a failure of every item later
-        return Encoder(net, load_tokenizer(directory / "tokenizer.json"), device, dtype, backend, name, mean, std,
-                       reasoning=reasoning)
+        return Encoder(net, tokenizer, device, dtype, backend, name, mean, std, reasoning=reasoning,
+                       generation=generation)
     except TokenizerError as err:
         raise CheckpointError(f"{directory / 'tokenizer.json'}: {err}") from None
+
+
+def _tokenizer_flavour(directory: Path, tokenizer) -> str | None:
+    """The flavour config.json and the tokenizer's tokens tell together (UME-R1 is known by
+    its two added tokens); None leaves the choice to config.json (its ``moon3rt.flavour``
+    first), or to `load_model`'s error when config.json is missing or unreadable."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    runtime = raw.get("moon3rt") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or (isinstance(runtime, dict) and runtime.get("flavour")):
+        return None
+    return detect_flavour(raw, [tok for tok in UME_R1_TOKENS if tokenizer.token_to_id(tok) is not None])
 
 
 _CACHE: dict[tuple, Encoder] = {}

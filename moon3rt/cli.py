@@ -19,7 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="torch", help="torch (default), triton (CUDA), onnxruntime or tensorrt (CUDA)")
-    p.add_argument("--flavour", default=None, choices=["moon3", "gme", "qwen2-vl"],
+    p.add_argument("--flavour", default=None, choices=["moon3", "gme", "ume-r1", "qwen2-vl"],
                    help="override the checkpoint's detected recipe")
 
 

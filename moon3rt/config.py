@@ -21,10 +21,14 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
-FLAVOURS = ("moon3", "gme", "qwen2-vl")
+FLAVOURS = ("moon3", "gme", "ume-r1", "qwen2-vl")
+# The two tokens UME-R1 adds to Qwen2-VL's tokenizer (docs/MODEL.md, "UME-R1 checkpoints"):
+# the discriminative and the generative embedding token.
+UME_R1_TOKENS = ("<disc_emb>", "<gen_emb>")
 POOLINGS = ("emb_token", "last", "mean")
 
 # The shipped tokenizer (moon3rt/assets/moon3-tiny/tokenizer.json) numbers its special
@@ -175,6 +179,8 @@ class Moon3Config:
 
     def reasoning_problems(self) -> list[str]:
         """Why this config cannot run reasoning mode (empty when it can, as far as the config tells)."""
+        if self.flavour == "ume-r1":
+            return []  # UME-R1's generative mode: its tokens are checked against the tokenizer
         m = self.moon3
         if m is None:
             return ["reasoning mode needs a MOON3 checkpoint (a `moon3` block in config.json with "
@@ -348,6 +354,9 @@ class Moon3Config:
             max_text_tokens=int(runtime.get("max_text_tokens", 512)),
             instruction=moon3.instruction if moon3 is not None else runtime.get("instruction", DEFAULT_INSTRUCTION),
         )
+        if cfg.flavour == "ume-r1":
+            # The processor limits UME-R1 checkpoints ship with; preprocessor_config.json wins.
+            cfg.min_pixels, cfg.max_pixels = 784, 2359296
         if cfg.flavour == "gme":
             # GME's inference code takes its image-token limits from config.json.
             cfg.min_pixels = int(raw.get("min_image_tokens", 256)) * 28 * 28
@@ -430,10 +439,13 @@ class Moon3Config:
             f.write("\n")
 
 
-def detect_flavour(raw: dict[str, Any]) -> str:
-    """How a checkpoint's config.json tells which inference recipe it follows.
+def detect_flavour(raw: dict[str, Any], tokens: Container[str] = ()) -> str:
+    """How a checkpoint's config.json (and the tokens of its tokenizer) tell which inference
+    recipe it follows.
 
     - a ``moon3`` block: MOON3 (M-RoPE, FIRE/MHMF/projection when present);
+    - both UME-R1 tokens (``<disc_emb>``, ``<gen_emb>``) among `tokens`: UME-R1 (M-RoPE,
+      the state at ``<disc_emb>``, or at the generated ``<gen_emb>`` in reasoning mode);
     - GME markers (``min_image_tokens``/``max_image_tokens``, or an architecture or
       ``_name_or_path`` naming GME): GME (1-D positions, ``last`` pooling);
     - otherwise a plain Qwen2-VL backbone (M-RoPE, ``last`` pooling).
@@ -442,6 +454,8 @@ def detect_flavour(raw: dict[str, Any]) -> str:
     """
     if raw.get("moon3") is not None:
         return "moon3"
+    if all(token in tokens for token in UME_R1_TOKENS):
+        return "ume-r1"
     # "gme" as a word of the checkpoint's name (not inside "segmentation"), or a Gme* architecture class
     path_says_gme = re.search(r"(^|[^a-z0-9])gme([^a-z0-9]|$)", str(raw.get("_name_or_path", "")).lower())
     arch_says_gme = any(str(a).startswith(("Gme", "GME")) for a in raw.get("architectures") or [])

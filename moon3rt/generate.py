@@ -16,6 +16,11 @@ MOON3 writes the attributes a shopper cares about before it embeds (DESIGN.md,
    the batch. MHMF (image tokens and title tokens only, never the generated text) and the
    projection follow, as in direct mode.
 
+A plan with a `pool_id` and no closing tokens (UME-R1, docs/MODEL.md) feeds nothing after
+the stop: an item leaves the batch when it stops, its stop token (or the token that used up
+its budget) never fed, and its pooled vector is the state at the last generated `pool_id`
+(``<gen_emb>``) if that token was fed back, else the state at the last token fed.
+
 The cache (`KVCache`) is allocated once per batch as k, v of shape
 (layers, max_items, max_len, Hk, D), max_len = longest prompt + max_tokens + closing
 tokens: slot b is item b's for the whole batch. A step takes the active items' `slots`
@@ -165,8 +170,9 @@ class _Item:
         self.tokens: list[int] = []
         self.sampled = 0
         self.next_input: int | None = None
-        self.closing: list[int] | None = None
+        self.closing: list[int] | None = None  # [] once done: nothing left to feed
         self.stop = "budget"
+        self.pool_fed = False  # plan.pool_id was fed back (UME-R1)
 
     def take(self, token: int, plan: ReasoningPlan) -> None:
         """Greedy `token` was generated: continue, or stop and queue the closing tokens."""
@@ -176,7 +182,7 @@ class _Item:
             self.closing = list(plan.close_ids)  # the stop token itself becomes "{end_marker}"
         elif self.sampled >= plan.max_tokens:
             self.tokens.append(token)
-            self.closing = [token, *plan.close_ids]
+            self.closing = [token, *plan.close_ids] if plan.close_ids else []
         else:
             self.tokens.append(token)
             self.next_input = token
@@ -222,18 +228,32 @@ def generate(decoder, batch: PackedBatch, plan: ReasoningPlan, lm_weight: torch.
 
     h, v = decoder.hidden_states(batch, kv_sink=cache.prefill_sink(batch.cu_seqlens, rollouts))
     cache.fork(rollouts)
+    last = torch.tensor([end - 1 for _, end in bounds], device=h.device)
+    first = h[last].repeat_interleave(rollouts, dim=0) if rollouts > 1 else h[last]
     if plan.max_tokens > 0:
-        last = torch.tensor([end - 1 for _, end in bounds], device=h.device)
-        first = h[last].repeat_interleave(rollouts, dim=0) if rollouts > 1 else h[last]
         for it, token in zip(items, draw(first, list(range(len(items))))):
             it.take(token, plan)
     else:
         for it in items:
             it.closing = list(plan.close_ids)
-    del h
 
     pooled = torch.empty(len(items), text.hidden_size, dtype=dtype, device=device)
-    active = list(range(len(items)))
+    # UME-R1: the state at the last token fed (the prompt's last, so far) and at the last fed pool_id
+    fed_last = first.clone() if plan.pool_id is not None else None
+    fed_pool = torch.empty_like(fed_last) if fed_last is not None else None
+    del h
+
+    def finish(b: int) -> None:  # an item of a pool_id plan has stopped: choose its state
+        it = items[b]
+        unfed = it.stop == "budget" and it.tokens[-1:] == [plan.pool_id]  # the budget ran out on it
+        pooled[b] = fed_pool[b] if it.pool_fed and not unfed else fed_last[b]
+
+    active = []
+    for b, it in enumerate(items):
+        if it.closing == []:
+            finish(b)
+        else:
+            active.append(b)
     steps = 0
     while active:
         feed = [items[b].closing.pop(0) if items[b].closing is not None else items[b].next_input for b in active]
@@ -251,14 +271,21 @@ def generate(decoder, batch: PackedBatch, plan: ReasoningPlan, lm_weight: torch.
             if it.closing is None:
                 reasoning_rows.append(row)
                 still.append(b)
+                if fed_last is not None and feed[row] == plan.pool_id:
+                    fed_pool[b], it.pool_fed = states[row], True
             elif it.closing:
                 still.append(b)
             else:  # it has just fed <emb>
                 pooled[b] = states[row]
+        if fed_last is not None and reasoning_rows:
+            fed_last[[active[row] for row in reasoning_rows]] = states[reasoning_rows]
         if reasoning_rows:
             tokens = draw(states[reasoning_rows], [active[row] for row in reasoning_rows])
             for row, token in zip(reasoning_rows, tokens):
                 items[active[row]].take(token, plan)
+                if items[active[row]].closing == []:  # stopped with nothing to feed (UME-R1)
+                    finish(active[row])
+                    still.remove(active[row])
         active = still
 
     if rollouts == 1:
@@ -294,6 +321,8 @@ def generate_naive(model: Moon3Model, batch: PackedBatch, plan: ReasoningPlan) -
     """
     if batch.num_items != 1:
         raise ValueError(f"generate_naive takes one item, got a batch of {batch.num_items}")
+    if plan.pool_id is not None:
+        raise ValueError("generate_naive follows the closing-token rule; a pool_id plan is checked against transformers")
     weight = model.output_embeddings()
     next_position = int(batch.position_ids.max()) + 1
     tokens: list[int] = []

@@ -15,6 +15,14 @@ model write them before ``<emb>``; the prompt it prefills is::
     ... {title}{reasoning.prompt}<|im_end|>\n<|im_start|>assistant\n{start_marker}\n
 
 and `ReasoningPlan` holds the token rules of the generation that follows.
+
+UME-R1 checkpoints (flavour ``ume-r1``, docs/MODEL.md) use one prompt for both modes::
+
+    <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
+    <|vision_start|><|image_pad|>*n<|vision_end|>   (once per image; a white one if none)
+    {text.strip()}\n<disc_emb>\n{ume_r1.GENERATION_PROMPT}<|im_end|>\n<|im_start|>assistant\n
+
+direct mode pools ``<disc_emb>``; reasoning mode generates from the end of the prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tokenizers
 
+from . import ume_r1
 from .config import Moon3Config
 from .images import PatchifiedImage
 
@@ -73,13 +82,19 @@ class ReasoningPlan:
     the reasoning text is what was generated, less a final stop token; `close_ids`
     (``{end_marker}\\n<emb>``) follow it, and the state at their last token (``<emb>``) is
     pooled. `suppressed_ids` are never generated: they stand for image features, not text.
+
+    UME-R1 (`pool_id` set, no `close_ids`): nothing follows the generated tokens; the state
+    pooled is the one at the last generated `pool_id` (``<gen_emb>``), or, when none was
+    generated or the last one is the final generated token (so never fed back), the state
+    at the last token fed to the model.
     """
 
     max_tokens: int
-    end_marker_id: int
+    end_marker_id: int | None  # None: no end marker (UME-R1 stops at end of text only)
     stop_ids: tuple[int, ...]  # the end marker first, then end-of-text ids
     close_ids: tuple[int, ...]
     suppressed_ids: tuple[int, ...]
+    pool_id: int | None = None  # the generated token whose state is pooled (UME-R1's <gen_emb>)
 
     def with_budget(self, max_tokens: int) -> "ReasoningPlan":
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
@@ -101,7 +116,8 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
 class PromptBuilder:
     """Turns (title, patchified images) into a `PreparedItem` for one model config."""
 
-    def __init__(self, cfg: Moon3Config, tokenizer: tokenizers.Tokenizer):
+    def __init__(self, cfg: Moon3Config, tokenizer: tokenizers.Tokenizer,
+                 generation: ume_r1.Generation | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIALS}
@@ -129,7 +145,18 @@ class PromptBuilder:
                 f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                 f"{cfg.text.vocab_size}: they do not belong together"
             )
-        if cfg.pooling == "emb_token":
+        if cfg.flavour == "ume-r1":
+            ume_ids = {tok: tokenizer.token_to_id(tok) for tok in (ume_r1.DISC_EMB, ume_r1.GEN_EMB)}
+            missing = [tok for tok, i in ume_ids.items() if i is None]
+            if missing:
+                raise ValueError(f"flavour 'ume-r1' needs the tokens {missing} in the tokenizer, which lacks them")
+            self.pool_token, self.pool_id = ume_r1.DISC_EMB, ume_ids[ume_r1.DISC_EMB]
+            self.gen_emb_id = ume_ids[ume_r1.GEN_EMB]
+            self.generation = generation or ume_r1.Generation()
+            if not self.generation.stop_ids:  # Qwen2-VL's end-of-text ids
+                self.generation = dataclasses.replace(
+                    self.generation, stop_ids=(ids["<|im_end|>"], ids["<|endoftext|>"]))
+        elif cfg.pooling == "emb_token":
             self.pool_token = tokenizer.id_to_token(cfg.moon3.embed_token_id)
             if self.pool_token is None:
                 raise TokenizerError(f"moon3.embed_token_id={cfg.moon3.embed_token_id} is not in the tokenizer")
@@ -144,6 +171,8 @@ class PromptBuilder:
     def reasoning_problems(self) -> list[str]:
         """Why the config and tokenizer cannot run reasoning mode (empty when they can)."""
         problems = self.cfg.reasoning_problems()
+        if self.cfg.flavour == "ume-r1":
+            return problems  # its tokens were checked when the builder was made
         marker = self.cfg.reasoning.end_marker
         if self.tokenizer.token_to_id(marker) is None:
             problems.append(f"moon3.reasoning.end_marker={marker!r} is not one token of the tokenizer")
@@ -155,6 +184,10 @@ class PromptBuilder:
         if problems:
             raise ValueError("this model cannot run reasoning mode: " + "; ".join(problems))
         cfg, tok, r = self.cfg, self.tokenizer, self.cfg.reasoning
+        if cfg.flavour == "ume-r1":  # the checkpoint's own generation settings; nothing suppressed
+            return ReasoningPlan(max_tokens=self.generation.max_new_tokens, end_marker_id=None,
+                                 stop_ids=self.generation.stop_ids, close_ids=(), suppressed_ids=(),
+                                 pool_id=self.gen_emb_id)
         end_id = tok.token_to_id(r.end_marker)
         stops = [end_id] + [i for i in (cfg.eos_token_id, *map(tok.token_to_id, END_OF_TEXT)) if i is not None]
         close = tok.encode(f"{r.end_marker}\n", add_special_tokens=False).ids + [cfg.moon3.embed_token_id]
@@ -176,6 +209,10 @@ class PromptBuilder:
         """Token ids of the template around the title, the same for every item with as many images."""
         head = f"<|im_start|>system\n{self.cfg.instruction}<|im_end|>\n<|im_start|>user\n"
         head += "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+        if self.cfg.flavour == "ume-r1":  # one prompt for both modes; <disc_emb> sits inside the user turn
+            tail = "<|im_end|>\n<|im_start|>assistant\n"
+            return (self.tokenizer.encode(head, add_special_tokens=False).ids,
+                    self.tokenizer.encode(tail, add_special_tokens=False).ids)
         if reasoning:
             r = self.cfg.reasoning
             tail = f"{r.prompt}<|im_end|>\n<|im_start|>assistant\n{r.start_marker}\n"
@@ -192,6 +229,9 @@ class PromptBuilder:
         """The item's prompt: direct mode ends in the pool token; reasoning mode's is the
         prefix that generation continues (its `pool_position` is its last token)."""
         head_ids, tail_ids = self._template_ids(len(images), reasoning)
+        ume = self.cfg.flavour == "ume-r1"
+        if ume:  # the authors' user text: text.strip() + "\n<disc_emb>\n" + instruction
+            title = (title or "").strip() + "\n"
         # The title is user text: special-token strings in it ("<|im_end|>", "<emb>") are
         # ordinary characters, never template structure.
         title_ids = self.title_tokenizer.encode(title or "", add_special_tokens=False).ids
@@ -203,6 +243,10 @@ class PromptBuilder:
                 )
             title_ids = title_ids[: self.cfg.max_text_tokens]
             truncated = True
+        pool_at = None  # index in `ids` of a pool token inside the prompt (UME-R1's <disc_emb>)
+        if ume:
+            pool_at = len(head_ids) + len(title_ids)
+            tail_ids = [self.pool_id, *self._ume_r1_instruction_ids()] + tail_ids
         ids = head_ids + title_ids + tail_ids
         is_title = [False] * len(head_ids) + [True] * len(title_ids) + [False] * len(tail_ids)
 
@@ -212,7 +256,10 @@ class PromptBuilder:
         pos_rows: list[np.ndarray] = []
         cur = 0
         image_iter = iter(images)
-        for tok, in_title in zip(ids, is_title):
+        pool_position = None
+        for at, (tok, in_title) in enumerate(zip(ids, is_title)):
+            if at == pool_at:
+                pool_position = len(out_ids)
             if tok == self.image_pad_id and not in_title:
                 _, gh, gw = next(image_iter).grid_thw
                 mh, mw = gh // self.merge, gw // self.merge
@@ -235,10 +282,16 @@ class PromptBuilder:
             input_ids=np.asarray(out_ids, dtype=np.int64),
             position_ids=np.concatenate(pos_rows, axis=1).astype(np.int64),
             title_positions=np.asarray(title_pos, dtype=np.int64),
-            pool_position=len(out_ids) - 1,
+            pool_position=len(out_ids) - 1 if pool_position is None or reasoning else pool_position,
             images=list(images),
             truncated=truncated,
         )
+
+    @functools.lru_cache(maxsize=1)
+    def _ume_r1_instruction_ids(self) -> list[int]:
+        """"\\n" + GENERATION_PROMPT, tokenised as the authors' processor does (added tokens
+        such as <gen_emb> inside it are tokens)."""
+        return self.tokenizer.encode("\n" + ume_r1.GENERATION_PROMPT, add_special_tokens=False).ids
 
     def count_title_tokens(self, title: str) -> int:
         """Tokens the title takes in a prompt (special-token strings count as plain text)."""

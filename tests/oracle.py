@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLModel
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLModel
 
 try:  # transformers >= 5 with the PIL backend as its own class
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -31,9 +31,11 @@ def hf_config(cfg: Moon3Config) -> Qwen2VLConfig:
     return hf
 
 
-def random_hf_model(cfg: Moon3Config, seed: int = 0) -> Qwen2VLModel:
+def random_hf_model(cfg: Moon3Config, seed: int = 0, generation: bool = False) -> Qwen2VLModel:
+    """A seeded random `Qwen2VLModel`, or with `generation` the `Qwen2VLForConditionalGeneration`
+    around one (its LM head random too when the config unties the embeddings)."""
     torch.manual_seed(seed)
-    model = Qwen2VLModel(hf_config(cfg)).eval()
+    model = (Qwen2VLForConditionalGeneration if generation else Qwen2VLModel)(hf_config(cfg)).eval()
     with torch.no_grad():  # non-trivial norms and biases so that every weight matters
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
