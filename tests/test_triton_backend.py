@@ -112,7 +112,7 @@ def test_moon3_2b_bf16_matches_torch_backend():
 def test_fused_gemm_epilogues_match_torch_backend(pair):
     # fc1 + QuickGELU and gate/up + SwiGLU as Triton GEMMs with the activation in the epilogue
     ref, _ = pair
-    fused = moon3rt.load("moon3-tiny", device=ref.device, dtype="fp32", backend="triton")
+    fused = moon3rt.load("moon3-tiny-random", device=ref.device, dtype="fp32", backend="triton")
     fused.backend.gemm_epilogue = "fused"
     batch = pack([ref.prepare(x, i) for i, x in enumerate(items(4))])
     with torch.no_grad():
