@@ -141,8 +141,11 @@ class Encoder:
         cfg, v = self.config, self.config.vision
         images = []
         sources = item.images
-        if cfg.flavour == "ume-r1" and not sources:  # UME-R1's inputs always hold a visual
-            sources = [ume_r1.blank_image()]
+        text = item.text
+        if cfg.flavour == "ume-r1":
+            text = ume_r1.user_text(text, bool(sources))
+            if not sources:  # UME-R1's inputs always hold a visual
+                sources = [ume_r1.blank_image()]
         for j, source in enumerate(sources):
             try:
                 gme = cfg.flavour == "gme"  # GME's own code drops alpha before its processor
@@ -161,7 +164,7 @@ class Encoder:
                 where = f"image {j}: " if len(item.images) > 1 else "image: "
                 raise ItemError(index, where + str(err)) from None
         try:
-            prepared = self.prompt.build(item.text, images, truncate=truncate, reasoning=reasoning)
+            prepared = self.prompt.build(text, images, truncate=truncate, reasoning=reasoning)
         except TextTooLongError as err:
             raise ItemError(index, str(err)) from None
         return prepared
@@ -452,7 +455,7 @@ def _preprocessor_overrides(directory: Path, cfg: Moon3Config, raw: dict) -> tup
     if not isinstance(size, dict):
         raise CheckpointError(f"{path}: size must be an object (shortest_edge, longest_edge), got {size!r}")
     for key, fallback in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
-        if cfg.flavour == "gme" or key in runtime:
+        if cfg.flavour in ("gme", "ume-r1") or key in runtime:  # their own code passes the limits (config.py)
             continue
         value = pre.get(key, size.get(fallback, getattr(cfg, key)))
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -355,7 +355,8 @@ class Moon3Config:
             instruction=moon3.instruction if moon3 is not None else runtime.get("instruction", DEFAULT_INSTRUCTION),
         )
         if cfg.flavour == "ume-r1":
-            # The processor limits UME-R1 checkpoints ship with; preprocessor_config.json wins.
+            # The processor limits UME-R1's evaluation passes on its command line, which replace
+            # the checkpoint's preprocessor_config.json limits (docs/MODEL.md, "UME-R1 checkpoints").
             cfg.min_pixels, cfg.max_pixels = 784, 2359296
         if cfg.flavour == "gme":
             # GME's inference code takes its image-token limits from config.json.

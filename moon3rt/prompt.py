@@ -20,7 +20,7 @@ UME-R1 checkpoints (flavour ``ume-r1``, docs/MODEL.md) use one prompt for both m
 
     <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
     <|vision_start|><|image_pad|>*n<|vision_end|>   (once per image; a white one if none)
-    {text.strip()}\n<disc_emb>\n{ume_r1.GENERATION_PROMPT}<|im_end|>\n<|im_start|>assistant\n
+    {ume_r1.user_text(text)}\n<disc_emb>\n{ume_r1.GENERATION_PROMPT}<|im_end|>\n<|im_start|>assistant\n
 
 direct mode pools ``<disc_emb>``; reasoning mode generates from the end of the prompt.
 """
@@ -230,7 +230,7 @@ class PromptBuilder:
         prefix that generation continues (its `pool_position` is its last token)."""
         head_ids, tail_ids = self._template_ids(len(images), reasoning)
         ume = self.cfg.flavour == "ume-r1"
-        if ume:  # the authors' user text: text.strip() + "\n<disc_emb>\n" + instruction
+        if ume:  # the authors' user text (ume_r1.user_text) + "\n<disc_emb>\n" + instruction
             title = (title or "").strip() + "\n"
         # The title is user text: special-token strings in it ("<|im_end|>", "<emb>") are
         # ordinary characters, never template structure.

@@ -7,6 +7,7 @@ state at the ``<gen_emb>`` it generates). docs/MODEL.md, "UME-R1 checkpoints", s
 recipe with the files of the authors' code it comes from; this module holds its data:
 
 - the instruction that follows ``<disc_emb>`` in every prompt (`GENERATION_PROMPT`);
+- the user text rule of the authors' eval collator (`user_text`);
 - the 28 x 28 white image that stands in for a missing visual (`blank_image`);
 - qwen-vl-utils' resize, which the authors' collator applies before the processor
   (`pre_resize`);
@@ -33,6 +34,7 @@ GENERATION_PROMPT = (
     "First output the thinking process in <think> </think> tags and then summarize the entire input "
     "in a word or sentence. Finally, use the <gen_emb> tag to represent the entire input."
 )
+IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<|image_pad|>", "<|video_pad|>"  # removed from user text
 BLANK_SIDE = 28  # the white image of a text-only input is BLANK_SIDE x BLANK_SIDE pixels
 
 # qwen-vl-utils' image limits: factor 28, between 4 and 16384 merged tokens.
@@ -45,6 +47,20 @@ PRE_RESIZE_MAX_PIXELS = 16384 * 28 * 28
 # 2048 is the completion length UME-R1's RL stage trained with. Each token of budget is
 # KV-cache room held for every item of a batch.
 DEFAULT_MAX_NEW_TOKENS = 2048
+
+
+def user_text(text: str | None, has_images: bool) -> str:
+    """The item's text as the authors' eval collator puts it before ``\n<disc_emb>\n``.
+
+    Their datasets mark where an image goes with Qwen2-VL's image placeholder; the collator
+    removes that string from the text of an input with images (and, for an input without,
+    the video placeholder too) and strips the rest. moon3rt items carry their images
+    separately, so the placeholders are dropped from any text, as the collator does.
+    """
+    text = (text or "").replace(IMAGE_PLACEHOLDER, "")
+    if not has_images:
+        text = text.replace(VIDEO_PLACEHOLDER, "")
+    return text.strip()
 
 
 def blank_image() -> Image.Image:

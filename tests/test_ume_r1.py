@@ -2,9 +2,10 @@
 
 The recipe (docs/MODEL.md, "UME-R1 checkpoints"): a stock Qwen2VLForConditionalGeneration;
 each image through qwen-vl-utils' resize (factor 28, area 4..16384 x 28 x 28) and then the
-Qwen2-VL processor with the checkpoint's pixel limits, a 28 x 28 white image when the input
-has none; the chat template with its default system message, the visuals first, then
-text.strip() + "\\n<disc_emb>\\n" + the generation instruction, then the assistant prompt;
+Qwen2-VL processor with the limits the evaluation passes (784 .. 2359296 pixels, not the
+checkpoint's preprocessor_config.json), a 28 x 28 white image when the input has none; the
+chat template with its default system message, the visuals first, then the collator's user
+text + "\\n<disc_emb>\\n" + the generation instruction, then the assistant prompt;
 transformers' own M-RoPE positions (none passed), in the forward and in `generate`.
 Discriminative: the final-norm state at the last <disc_emb>. Generative: `generate` with
 the checkpoint's generation_config.json, then the state the authors' index rule picks from
@@ -39,7 +40,10 @@ INSTRUCTION = (  # the one-line instruction of the authors' eval collator
     "First output the thinking process in <think> </think> tags and then summarize the entire input in a "
     "word or sentence. Finally, use the <gen_emb> tag to represent the entire input."
 )
-MIN_PIXELS, MAX_PIXELS = 784, 28 * 28 * 40  # the processor's limits (the real checkpoint: 784 .. 2359296)
+EVAL_MIN_PIXELS, EVAL_MAX_PIXELS = 784, 2359296  # the limits UME-R1's evaluation passes its processor
+# The fixture's limits: config.json's moon3rt block lowers max_pixels, so that a small image
+# is shrunk by the processor after qwen-vl-utils' resize.
+MIN_PIXELS, MAX_PIXELS = EVAL_MIN_PIXELS, 28 * 28 * 40
 BUDGET = 22
 ATOL = 1e-5
 DISC, GEN, IM_END, EOT = 1024, 1025, 2, 0  # ids in the test tokenizer
@@ -76,8 +80,12 @@ def save_checkpoint(path: Path, hf, tokenizer: tokenizers.Tokenizer) -> Path:
         "bos_token_id": EOT, "pad_token_id": EOT, "eos_token_id": [IM_END, EOT], "do_sample": True,
         "repetition_penalty": 1.0, "temperature": 0.01, "top_p": 0.001, "top_k": 1,
     }))
+    config = json.loads((path / "config.json").read_text())
+    config["moon3rt"] = {"max_pixels": MAX_PIXELS}
+    (path / "config.json").write_text(json.dumps(config))
+    # Qwen2-VL-2B-Instruct's own limits, which the authors' evaluation does not use.
     (path / "preprocessor_config.json").write_text(json.dumps({
-        "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "merge_size": 2,
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2,
         "temporal_patch_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
     }))
@@ -130,6 +138,25 @@ def qwen_vl_utils_resize(image: Image.Image) -> Image.Image:
     return image.resize((wb, hb))
 
 
+def collator_user_text(text, images):
+    """The user text of the authors' eval collator for the row its datasets make of an item.
+
+    Their datasets give an image input its image dicts and put Qwen2-VL's image placeholder
+    in its text; a text-only input gets no image dict. The collator then takes one of three
+    branches: image dicts and the placeholder in the text -> the text less the placeholder,
+    stripped, after the images; image dicts without the placeholder -> the white image and
+    the text as it is (its images unused; no dataset row of an item reaches it here); no
+    image dicts -> the white image and the text less both placeholders, stripped.
+    """
+    row_text = ("<|image_pad|>" + (text or "")) if images else (text or "")
+    has_image_dicts = bool(images)
+    if has_image_dicts and "<|image_pad|>" in row_text:
+        return row_text.replace("<|image_pad|>", "").strip()
+    if has_image_dicts:
+        return row_text
+    return row_text.replace("<|video_pad|>", "").replace("<|image_pad|>", "").strip()
+
+
 class Reference:
     """The authors' recipe, one item at a time, with transformers."""
 
@@ -145,7 +172,7 @@ class Reference:
         prompt = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         for grid in out["image_grid_thw"]:
             prompt += "<|vision_start|>" + "<|image_pad|>" * (int(grid.prod()) // 4) + "<|vision_end|>"
-        prompt += (text or "").strip() + "\n<disc_emb>\n" + INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n"
+        prompt += collator_user_text(text, images) + "\n<disc_emb>\n" + INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n"
         ids = torch.tensor(self.tokenizer.encode(prompt, add_special_tokens=False).ids)[None]
         image_id = self.tokenizer.token_to_id("<|image_pad|>")
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": out["pixel_values"],
@@ -193,6 +220,13 @@ def assert_close(got, ref, what):
 def test_detected_from_the_tokenizer(encoder, checkpoint, tmp_path):
     assert encoder.config.flavour == "ume-r1" and encoder.config.uses_mrope
     assert (encoder.config.min_pixels, encoder.config.max_pixels) == (MIN_PIXELS, MAX_PIXELS)
+    evaluated = tmp_path / "evaluated"  # no moon3rt block: the evaluation's limits, not the file's
+    shutil.copytree(checkpoint, evaluated)
+    config = json.loads((evaluated / "config.json").read_text())
+    del config["moon3rt"]
+    (evaluated / "config.json").write_text(json.dumps(config))
+    cfg = moon3rt.load(evaluated, device="cpu").config
+    assert (cfg.min_pixels, cfg.max_pixels) == (EVAL_MIN_PIXELS, EVAL_MAX_PIXELS)
     plan = encoder.reasoning_plan()
     assert plan.stop_ids == (IM_END, EOT) and plan.pool_id == GEN and plan.close_ids == ()
     assert plan.max_tokens == 2048  # generation_config.json sets no max_new_tokens
@@ -258,6 +292,21 @@ def test_generation_without_gen_emb_falls_back(tmp_path, reference):
         ref, generated, case = never.generative(text, images)
         assert case == "none", generated
         assert_close(vec, ref, f"fallback {text!r}")
+
+
+# Texts written as the authors' datasets write them, with Qwen2-VL's placeholders in them.
+PLACEHOLDER_CASES = [
+    ("<|image_pad|>Represent the given image: navy tee\n", [rgb(40, 50, 8)]),
+    (" <|video_pad|>red <|image_pad|>cotton t-shirt\n", []),
+]
+
+
+def test_placeholders_are_dropped_as_the_collator_does(encoder, reference):
+    items = [as_item(*case) for case in PLACEHOLDER_CASES]
+    for (text, images), vec in zip(PLACEHOLDER_CASES, encoder.encode(items)):
+        assert_close(vec, reference.discriminative(text, images), f"discriminative {text!r}")
+    got = encoder.encode(items[:1], reasoning=True, max_reasoning_tokens=8)[0]
+    assert_close(got, reference.generative(*PLACEHOLDER_CASES[0], budget=8)[0], "generative placeholder")
 
 
 def test_text_only_items_get_the_white_image(encoder):
