@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .jsonl import decode_line, json_lines
+
 KS = (1, 5, 10)
 PROMPT = "{attribute}: {value}"
 
@@ -108,13 +110,11 @@ def _item(obj: dict, base: Path) -> dict:
 
 
 def _lines(path: Path, problems: list[str]):
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, raw in json_lines(path):
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{path}:{n}: not valid JSON ({err.msg})")
+            obj = decode_line(raw)
+        except ValueError as err:
+            problems.append(f"{path}:{n}: {err}")
             continue
         if not isinstance(obj, dict) or "id" not in obj:
             problems.append(f"{path}:{n}: expected an object with an 'id'")

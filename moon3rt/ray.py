@@ -33,6 +33,7 @@ import numpy as np
 from .jobs.idset import IdSet, existing_ids
 from .jobs.sinks import SUMMARY, OutputError, atomic_write
 from .jobs.sources import Columns, InputError, input_files, input_kind, parquet_row, parse_json_line
+from .jsonl import numbered_lines
 
 RUN = re.compile(r"^run-(\d{3})$")
 
@@ -76,15 +77,8 @@ def _parse_jsonl_file(record: dict, columns: Columns, single: bool) -> list[dict
     data = record["bytes"]
     if path.name.lower().endswith(".gz"):
         data = gzip.decompress(data)
-    rows, n = [], 0
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        if not raw.strip():
-            continue
-        rows.append(_row_dict(parse_json_line(raw.rstrip(b"\r"), str(path), n, number, columns, path.parent), single))
-        n += 1
-    return rows
+    return [_row_dict(parse_json_line(raw, str(path), n, number, columns, path.parent), single)
+            for n, (number, raw) in enumerate(numbered_lines(data.split(b"\n")))]
 
 
 def _parse_parquet_batch(batch, columns: Columns, single: bool):

@@ -10,7 +10,6 @@ it has (so "navy t-shirt" is not pushed away from every other navy t-shirt in th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from moon3rt.batching import pack
 from moon3rt.images import ImageError, load_image, preprocess_image
+from moon3rt.jsonl import decode_line, json_lines
 from moon3rt.model import PackedBatch
 from moon3rt.prompt import PreparedItem, PromptBuilder
 from moon3rt.world.attributes import attribute_text, matches
@@ -94,13 +94,11 @@ def _record(obj, base: Path) -> Record:
 def _read(path: Path, problems: list[str]):
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, raw in json_lines(path):
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{path}:{n}: not valid JSON ({err.msg})")
+            obj = decode_line(raw)
+        except ValueError as err:
+            problems.append(f"{path}:{n}: {err}")
             continue
         try:
             yield n, obj, _record(obj, path.parent)

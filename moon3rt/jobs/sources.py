@@ -12,17 +12,16 @@ Blank lines are skipped and are not rows: row k is the k-th non-blank line.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import decode_line, json_lines
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-BOM = b"\xef\xbb\xbf"
 READ_BATCH = 256  # Parquet rows decoded at a time
 
 
@@ -122,33 +121,20 @@ class _Ranges:
 
 # ---------------------------------------------------------------------------- JSON lines
 def _jsonl_rows(path: Path, columns: Columns, done: _Ranges) -> Iterator[Row]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     source = str(path)
     row = 0
-    with opener(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):  # binary lines end at b"\n" only
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            if not raw.strip():
-                continue
-            if row in done:
-                row += 1
-                continue
+    for number, raw in json_lines(path):
+        if row not in done:
             yield parse_json_line(raw, source, row, number, columns, path.parent)
-            row += 1
+        row += 1
 
 
 def parse_json_line(raw: bytes, source: str, row: int, line: int, columns: Columns, base: Path | None) -> Row:
     """One JSON line as a Row; an undecodable or malformed line becomes that row's error."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return Row(source, row, line, None,
-                   ValueError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"))
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        return Row(source, row, line, None, ValueError(f"not valid JSON: {err.msg} (column {err.colno})"))
+        obj = decode_line(raw)
+    except ValueError as err:
+        return Row(source, row, line, None, err)
     if isinstance(obj, str):  # a bare JSON string is a text item
         return Row(source, row, line, None, obj)
     if not isinstance(obj, dict):
