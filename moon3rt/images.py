@@ -351,7 +351,7 @@ def load_image(
 # Resizing
 
 
-def _fit_area(height, width, h_bar, w_bar, factor, min_pixels, max_pixels) -> tuple[int, int]:
+def fit_area(height, width, h_bar, w_bar, factor, min_pixels, max_pixels) -> tuple[int, int]:
     """Bring the rounded sides (h_bar, w_bar) into [min_pixels, max_pixels], keeping the
     aspect ratio of height x width: above the max both sides scale by
     beta = sqrt(h * w / max_pixels) and round down to multiples of `factor` (never below
@@ -377,7 +377,7 @@ def smart_resize(
     """Qwen2-VL's target size: both sides multiples of `factor`, area within
     [min_pixels, max_pixels], aspect ratio kept as closely as possible.
 
-    Each side rounds to the nearest multiple of `factor`, then `_fit_area` applies. An
+    Each side rounds to the nearest multiple of `factor`, then `fit_area` applies. An
     aspect ratio (of the original sides) over MAX_ASPECT_RATIO is refused.
     """
     if height <= 0 or width <= 0:
@@ -391,7 +391,7 @@ def smart_resize(
         )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
-    return _fit_area(height, width, h_bar, w_bar, factor, min_pixels, max_pixels)
+    return fit_area(height, width, h_bar, w_bar, factor, min_pixels, max_pixels)
 
 
 def gme_pre_resize(image: Image.Image) -> Image.Image:
@@ -410,7 +410,7 @@ def gme_pre_resize(image: Image.Image) -> Image.Image:
         raise ImageError(f"image has no pixels ({width}x{height})")
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
-    h_bar, w_bar = _fit_area(height, width, h_bar, w_bar, factor, 4 * 28 * 28, 16384 * 28 * 28)
+    h_bar, w_bar = fit_area(height, width, h_bar, w_bar, factor, 4 * 28 * 28, 16384 * 28 * 28)
     if h_bar > MAX_ASPECT_RATIO * w_bar:
         h_bar = MAX_ASPECT_RATIO * w_bar
     elif w_bar > MAX_ASPECT_RATIO * h_bar:

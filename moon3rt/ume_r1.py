@@ -17,7 +17,6 @@ recipe with the files of the authors' code it comes from; this module holds its 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from .config import UME_R1_TOKENS
-from .images import MAX_ASPECT_RATIO, ImageError
+from .images import MAX_ASPECT_RATIO, ImageError, fit_area
 
 DISC_EMB, GEN_EMB = UME_R1_TOKENS
 GENERATION_PROMPT = (
@@ -85,12 +84,9 @@ def pre_resize(image: Image.Image) -> Image.Image:
         raise ImageError(f"aspect ratio {max(height, width) / min(height, width):.1f} "
                          f"({width}x{height}) is more than {MAX_ASPECT_RATIO}")
     h_bar, w_bar = max(f, round(height / f) * f), max(f, round(width / f) * f)
-    if h_bar * w_bar > PRE_RESIZE_MAX_PIXELS:
-        beta = math.sqrt(height * width / PRE_RESIZE_MAX_PIXELS)
-        h_bar, w_bar = math.floor(height / beta / f) * f, math.floor(width / beta / f) * f
-    elif h_bar * w_bar < PRE_RESIZE_MIN_PIXELS:
-        beta = math.sqrt(PRE_RESIZE_MIN_PIXELS / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+    # fit_area keeps each side >= f; with the aspect ratio at most 200 a side that fits
+    # the maximum area is never below 28 anyway, so this is qwen-vl-utils' rule exactly
+    h_bar, w_bar = fit_area(height, width, h_bar, w_bar, f, PRE_RESIZE_MIN_PIXELS, PRE_RESIZE_MAX_PIXELS)
     if (w_bar, h_bar) == image.size:
         return image
     return image.resize((w_bar, h_bar), Image.Resampling.BICUBIC)
