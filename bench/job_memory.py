@@ -29,16 +29,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from job_resume import COLOURS, write_input  # noqa: E402
 from reporting import environment, write_json  # noqa: E402
-
-COLOURS = ["red", "navy", "olive", "white", "black", "ivory", "teal"]
-
-
-def text_input(path: Path, rows: int) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(rows):
-            f.write(json.dumps({"id": f"sku-{i}", "text": f"{COLOURS[i % 7]} cotton shirt, style {i}, size {i % 9}"})
-                    + "\n")
 
 
 def image_input(path: Path, rows: int, group: int = 1000) -> None:
@@ -86,7 +78,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for kind, sizes, make, suffix in (("text/jsonl", args.text_rows, text_input, "jsonl"),
+    for kind, sizes, make, suffix in (("text/jsonl", args.text_rows, write_input, "jsonl"),
                                       ("image-bytes/parquet", args.image_rows, image_input, "parquet")):
         for rows in sizes:
             inp = args.out / f"{kind.split('/')[0]}-{rows}.{suffix}"

@@ -119,13 +119,14 @@ def cmd_info(args) -> int:
 
 def cmd_demo(args) -> int:
     import moon3rt
+    from moon3rt.config import PRESETS
 
     items, ids = read_jsonl(CATALOGUE / "items.jsonl")
     queries = [q for q in (CATALOGUE / "queries.txt").read_text().splitlines() if q.strip()]
     encoder = moon3rt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                            flavour=args.flavour)
     print(f"{encoder}")
-    if args.model in ("moon3-tiny-random", "moon3-2b", "qwen2-vl-2b"):
+    if args.model in PRESETS and args.model != "moon3-tiny":  # every preset but the shipped default
         print("note: presets have deterministic RANDOM weights; the scores below show the pipeline "
               "working, not retrieval quality. Pass --model PATH for a real checkpoint.")
     start = time.perf_counter()
