@@ -13,7 +13,7 @@ Blank lines are skipped and are not rows: row k is the k-th non-blank line.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,24 +140,25 @@ def parse_json_line(raw: bytes, source: str, row: int, line: int, columns: Colum
     if not isinstance(obj, dict):
         return Row(source, row, line, None,
                    ValueError(f"a JSON {type(obj).__name__}; expected an object or a string"))
-    id_ = obj.get(columns.id)
-    item: dict[str, Any] = {}
-    if obj.get(columns.text) is not None:
-        item["text"] = obj[columns.text]
     images = obj.get(columns.image)
     if images is None and columns.image == "image":
         images = obj.get("images")
+    return _item_row(source, row, line, obj.get(columns.id), obj.get(columns.text), images, base,
+                     lambda: f"no {columns.text!r} or {columns.image!r} field (keys: {sorted(str(k) for k in obj)})")
+
+
+def _item_row(source: str, row: int, line: int | None, id_, text, images, base: Path | None,
+              empty: Callable[[], str]) -> Row:
+    """The Row of one record's id, text and image value(s); `empty()` says why when both are absent."""
+    item: dict[str, Any] = {}
+    if text is not None:
+        item["text"] = text
     if images is not None:
-        images = images if isinstance(images, list) else [images]
-        item["images"] = [_image_source(v, base) for v in images]
+        item["images"] = [_image_source(v, base) for v in (images if isinstance(images, list) else [images])]
         refused = [v for v in item["images"] if isinstance(v, Exception)]
         if refused:
             return Row(source, row, line, _id(id_), refused[0])
-    if not item:
-        keys = sorted(str(k) for k in obj)
-        return Row(source, row, line, _id(id_),
-                   ValueError(f"no {columns.text!r} or {columns.image!r} field (keys: {keys})"))
-    return Row(source, row, line, _id(id_), item)
+    return Row(source, row, line, _id(id_), item if item else ValueError(empty()))
 
 
 def _id(value) -> str | None:
@@ -226,18 +227,8 @@ def _parquet_rows(path: Path, columns: Columns, done: _Ranges) -> Iterator[Row]:
 
 
 def parquet_row(cols: dict, k: int, source: str, row: int, columns: Columns, base: Path) -> Row:
-    id_ = cols[columns.id][k] if columns.id in cols else None
-    item: dict[str, Any] = {}
-    text = cols[columns.text][k] if columns.text in cols else None
-    if text is not None:
-        item["text"] = text
-    image = cols[columns.image][k] if columns.image in cols else None
-    if image is not None:
-        images = image if isinstance(image, list) else [image]
-        item["images"] = [_image_source(v, base) for v in images]
-        refused = [v for v in item["images"] if isinstance(v, Exception)]
-        if refused:
-            return Row(source, row, None, _id(id_), refused[0])
-    if not item:
-        return Row(source, row, None, _id(id_), ValueError(f"{columns.text!r} and {columns.image!r} are both null"))
-    return Row(source, row, None, _id(id_), item)
+    def value(name: str):
+        return cols[name][k] if name in cols else None
+
+    return _item_row(source, row, None, value(columns.id), value(columns.text), value(columns.image), base,
+                     lambda: f"{columns.text!r} and {columns.image!r} are both null")
