@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ("grad_checkpointing", "recompute decoder layers and vision blocks in backward"),
                         ("strict", "stop at the first bad data line instead of skipping bad lines"),
                         ("resume", "continue from the newest checkpoint under --out"),
+                        ("ntp_from_image", "learn the attribute text from a rendering with no title"),
                         ("no_fire", "ablation: drop FIRE"), ("no_fusion", "ablation: drop MHMF")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_)
     p.add_argument("--no-matryoshka", dest="matryoshka", action="store_false", default=None,

@@ -49,6 +49,7 @@ class Dataset:
         self.by_category: dict[str, list[int]] = {}
         self.by_category_colour: dict[tuple[str, str], list[int]] = {}
         self.queries_of: list[list[int]] = [[] for _ in self.products]
+        self.views_of: list[list[Path]] = [list(p.images[:1]) for p in self.products]  # renderings per product
         for i, p in enumerate(self.products):
             a = p.attributes or {}
             if "category" in a:
@@ -57,6 +58,8 @@ class Dataset:
                     self.by_category_colour.setdefault((a["category"], a["colour"]), []).append(i)
         for qi, q in enumerate(self.queries):
             self.queries_of[q.positive].append(qi)
+            if q.images and not (q.text and q.text.strip()) and self.views_of[q.positive]:
+                self.views_of[q.positive].append(q.images[0])  # an image query: the product drawn again
         self.trainable = [i for i, qs in enumerate(self.queries_of) if qs]
 
 
@@ -145,6 +148,7 @@ class Pairs:
 
     queries: list[int]
     products: list[int]
+    views: list[int] = field(default_factory=list)  # per product: which rendering its attribute text is read from
 
 
 def sample_pairs(data: Dataset, size: int, seed: int, step: int, hard_negatives: bool = True) -> Pairs:
@@ -183,7 +187,8 @@ def sample_pairs(data: Dataset, size: int, seed: int, step: int, hard_negatives:
     while len(chosen) < size:
         take(pool[int(rng.integers(len(pool)))])
     queries = [data.queries_of[p][int(rng.integers(len(data.queries_of[p])))] for p in chosen]
-    return Pairs(queries, chosen)
+    views = [int(rng.integers(max(len(data.views_of[p]), 1))) for p in chosen]
+    return Pairs(queries, chosen, views)
 
 
 def positive_mask(data: Dataset, pairs: Pairs) -> torch.Tensor:
@@ -259,15 +264,27 @@ class StepBatch:
     ntp_targets: torch.Tensor  # (N,) the token ids there
 
 
+def reasoning_source(data: Dataset, product: int, view: int, from_image: bool) -> Record:
+    """What a product's attribute text is learned from: the product as listed, or (from_image)
+    one of its renderings with no title, so the text can only be read off the pixels."""
+    rec = data.products[product]
+    views = data.views_of[product]
+    if not from_image or not views:
+        return rec
+    return Record(rec.id, None, [views[view % len(views)]], rec.attributes)
+
+
 def build_step(preparer: Preparer, data: Dataset, pairs: Pairs, rank: int, world: int,
-               ntp_items: int) -> StepBatch:
+               ntp_items: int, ntp_from_image: bool = False) -> StepBatch:
     """This rank's contiguous shard of the global pairs, plus `ntp_items` reasoning sequences."""
     n = len(pairs.queries) // world
     lo = rank * n
     queries = [data.queries[i] for i in pairs.queries[lo:lo + n]]
     products = [data.products[i] for i in pairs.products[lo:lo + n]]
     items = [preparer.item(r) for r in queries] + [preparer.item(r) for r in products]
-    reasoning = [preparer.reasoning_item(r) for r in products[:ntp_items] if r.attributes]
+    views = pairs.views[lo:lo + n] if pairs.views else [0] * n
+    sources = [reasoning_source(data, i, v, ntp_from_image) for i, v in zip(pairs.products[lo:lo + n], views)]
+    reasoning = [preparer.reasoning_item(r) for r in sources[:ntp_items] if r.attributes]
     offset = sum(it.num_tokens for it in items)
     inputs, targets = [], []
     for item, predicted in reasoning:

@@ -58,6 +58,7 @@ class TrainConfig:
     matryoshka: bool = True
     ntp_weight: float = 0.2
     ntp_items: int = 4  # products per rank per micro-batch that also learn their attribute text
+    ntp_from_image: bool = False  # learn it from a rendering alone (no title): the text must be read off the image
     hard_negatives: bool = True
     freeze_vision: bool = False
     grad_checkpointing: bool = False
@@ -305,7 +306,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
         for micro in range(cfg.grad_accum):
             pairs = sample_pairs(data, cfg.batch_size, cfg.seed, step * cfg.grad_accum + micro, cfg.hard_negatives)
             positives = positive_mask(data, pairs)
-            sb = build_step(preparer, data, pairs, rank, world, cfg.ntp_items)
+            sb = build_step(preparer, data, pairs, rank, world, cfg.ntp_items, cfg.ntp_from_image)
             sb.batch = sb.batch.to(device)
             ntp_total = int(distributed.all_sum(sb.ntp_targets.numel()))
             sync = micro == cfg.grad_accum - 1 or world == 1
