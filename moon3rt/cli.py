@@ -257,12 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="also print the full config as JSON")
     info.set_defaults(func=cmd_info)
 
-    evaluate = sub.add_parser("eval", help="retrieval (Recall@K, MRR, nDCG) and zero-shot attribute accuracy")
+    evaluate = sub.add_parser("eval", help="retrieval (Recall@K, MRR, nDCG) and zero-shot attribute accuracy; "
+                              "--reasoning adds reasoning mode")
     _add_model_args(evaluate)
     _add_eval_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    train = sub.add_parser("train", help="train a MOON3 model (contrastive cold start; see docs/TRAINING.md)")
+    train = sub.add_parser("train", help="train a MOON3 model: the contrastive cold start (docs/TRAINING.md) or, "
+                           "with --stage rl, GRPO + InfoNCE (docs/RL.md)")
     _add_train_args(train)
     train.set_defaults(func=cmd_train)
 

@@ -12,6 +12,11 @@ absent), as MBE-style benchmarks do:
 - zero-shot accuracy per attribute: each product's vector against one prompt per value of
   that attribute seen in the pool ("colour: navy"), the best-scoring value counted.
 
+``--reasoning`` runs the retrieval twice, in direct mode (the zero-shot prompts too) and in
+reasoning mode (products and queries generate their attributes before ``<emb>``), and adds
+the accuracy of the generated ``field: value`` pairs (`moon3rt.train.rewards.parse_attributes`)
+against each product's ground-truth ``attributes``, per field.
+
 Search is exact cosine similarity, computed in chunks with torch matmuls and a running
 top-K, so memory stays bounded by the chunk sizes however large the pool.
 """
@@ -98,6 +103,27 @@ def zero_shot_accuracy(product_vectors: np.ndarray, attributes: Sequence[dict | 
     return out
 
 
+def generated_attribute_accuracy(texts: Sequence[str | None], attributes: Sequence[dict | None]) -> dict[str, dict]:
+    """Per ground-truth field: the share of products whose generated text states the true value
+    (case-insensitive, `parse_attributes`), the share that states the field at all, and how many
+    products have the field. Products without attributes or without a text (failed) are left out."""
+    from moon3rt.train.rewards import parse_attributes
+
+    counts: dict[str, list[int]] = {}  # field -> [correct, stated, products]
+    for text, truth in zip(texts, attributes):
+        if not truth or text is None:
+            continue
+        said = parse_attributes(text)
+        for name, value in truth.items():
+            c = counts.setdefault(name, [0, 0, 0])
+            got = said.get(name.strip().lower())
+            c[0] += got is not None and got.lower() == str(value).strip().lower()
+            c[1] += got is not None
+            c[2] += 1
+    return {name: {"accuracy": counts[name][0] / counts[name][2], "stated": counts[name][1] / counts[name][2],
+                   "products": counts[name][2]} for name in _attribute_order([counts])}
+
+
 # ------------------------------------------------------------------------------- files
 def _item(obj: dict, base: Path) -> dict:
     item = {k: obj[k] for k in ("text", "image", "images") if obj.get(k) is not None}
@@ -165,9 +191,16 @@ def read_queries(path: Path, product_index: dict[str, int], problems: list[str])
 
 # ------------------------------------------------------------------------------ report
 def evaluate(encoder, products_path: str | os.PathLike, queries_path: str | os.PathLike, dim: int | None = None,
-             batch_size: int = 64, prompt: str = PROMPT, show_progress: bool = True) -> dict:
-    """Encode the pool and the queries with `encoder` (a `moon3rt.Encoder`) and score them."""
+             batch_size: int = 64, prompt: str = PROMPT, show_progress: bool = True, reasoning: bool | None = None,
+             max_reasoning_tokens: int | None = None) -> dict:
+    """Encode the pool and the queries with `encoder` (a `moon3rt.Encoder`) and score them.
+
+    reasoning=None encodes in the encoder's default mode; True reports direct mode and, under
+    ``"reasoning"``, reasoning mode (budget `max_reasoning_tokens`) with the accuracy of the
+    generated attributes; False is direct mode alone.
+    """
     products_path, queries_path = Path(products_path), Path(queries_path)
+    plan = encoder.reasoning_plan(max_reasoning_tokens) if reasoning else None  # why it cannot reason, up front
     problems: list[str] = []
     ids, items, attributes = read_products(products_path, problems)
     if not ids:
@@ -175,26 +208,11 @@ def evaluate(encoder, products_path: str | os.PathLike, queries_path: str | os.P
     index = {pid: i for i, pid in enumerate(ids)}
     queries = read_queries(queries_path, index, problems)
     start = time.perf_counter()
-    prod = encoder.encode_with_report(items, batch_size=batch_size, dim=dim, show_progress=show_progress)
-    problems += [f"{products_path}: product {ids[f.index]!r}: {f.reason}" for f in prod.failures]
-    qres = encoder.encode_with_report([q["item"] for q in queries], batch_size=batch_size, dim=dim,
-                                      show_progress=show_progress)
-    problems += [f"{queries_path}: query {queries[f.index]['id']!r}: {f.reason}" for f in qres.failures]
-    pool_ok = np.isfinite(prod.embeddings).all(1)
-    pool = np.where(pool_ok[:, None], prod.embeddings, 0.0)  # a failed product can be found by nobody
-    pool[~pool_ok] = np.nan
-    search_pool = np.nan_to_num(pool, nan=-1e3) * pool_ok[:, None]
-    q_ok = np.isfinite(qres.embeddings).all(1)
-    report = {"model": encoder.name, "products": int(pool_ok.sum()), "dim": int(prod.embeddings.shape[1]),
-              "kinds": {}, "zero_shot": {}}
-    kinds = sorted({q["kind"] for q in queries})
-    for kind in kinds:
-        rows = [i for i, q in enumerate(queries) if q["kind"] == kind and q_ok[i]]
-        if not rows:
-            continue
-        _, top = search(qres.embeddings[rows], search_pool, k=max(KS))
-        metrics = retrieval_metrics(top.tolist(), [queries[i]["relevant"] for i in rows])
-        report["kinds"][kind] = {"queries": len(rows), **metrics}
+    mode = {} if reasoning is None else {"reasoning": False}
+    direct = _retrieval(encoder, ids, items, queries, products_path, queries_path, problems, dim, batch_size,
+                        show_progress, mode)
+    report = {"model": encoder.name, "products": direct["products"], "dim": direct["dim"], "kinds": direct["kinds"],
+              "zero_shot": {}}
     names = [a for a in _attribute_order(attributes)]
     prompt_vectors = {}
     for name in names:
@@ -202,11 +220,44 @@ def evaluate(encoder, products_path: str | os.PathLike, queries_path: str | os.P
         if len(values) < 2:
             continue
         texts = [prompt.format(attribute=name, value=v) for v in values]
-        prompt_vectors[name] = (values, encoder.encode(texts, batch_size=batch_size, dim=dim))
-    report["zero_shot"] = zero_shot_accuracy(pool, attributes, prompt_vectors)
+        prompt_vectors[name] = (values, encoder.encode(texts, batch_size=batch_size, dim=dim, **mode))
+    report["zero_shot"] = zero_shot_accuracy(direct["pool"], attributes, prompt_vectors)
+    if plan is not None:
+        found: list[str] = []
+        run = _retrieval(encoder, ids, items, queries, products_path, queries_path, found, dim, batch_size,
+                         show_progress, {"reasoning": True, "max_reasoning_tokens": plan.max_tokens})
+        problems += [f"reasoning mode: {p}" for p in found]
+        report["reasoning"] = {"max_tokens": plan.max_tokens, "products": run["products"], "kinds": run["kinds"],
+                               "attributes": generated_attribute_accuracy(run["texts"], attributes)}
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["problems"] = problems
     return report
+
+
+def _retrieval(encoder, ids, items, queries, products_path, queries_path, problems, dim, batch_size, show_progress,
+               mode: dict) -> dict:
+    """The pool's and the queries' vectors in one mode (`mode`: encode's reasoning arguments), the
+    metrics per query kind, the pool (NaN rows for failed products) and the products' texts."""
+    prod = encoder.encode_with_report(items, batch_size=batch_size, dim=dim, show_progress=show_progress, **mode)
+    problems += [f"{products_path}: product {ids[f.index]!r}: {f.reason}" for f in prod.failures]
+    qres = encoder.encode_with_report([q["item"] for q in queries], batch_size=batch_size, dim=dim,
+                                      show_progress=show_progress, **mode)
+    problems += [f"{queries_path}: query {queries[f.index]['id']!r}: {f.reason}" for f in qres.failures]
+    pool_ok = np.isfinite(prod.embeddings).all(1)
+    pool = np.where(pool_ok[:, None], prod.embeddings, 0.0)  # a failed product can be found by nobody
+    pool[~pool_ok] = np.nan
+    search_pool = np.nan_to_num(pool, nan=-1e3) * pool_ok[:, None]
+    q_ok = np.isfinite(qres.embeddings).all(1)
+    kinds = {}
+    for kind in sorted({q["kind"] for q in queries}):
+        rows = [i for i, q in enumerate(queries) if q["kind"] == kind and q_ok[i]]
+        if not rows:
+            continue
+        _, top = search(qres.embeddings[rows], search_pool, k=max(KS))
+        metrics = retrieval_metrics(top.tolist(), [queries[i]["relevant"] for i in rows])
+        kinds[kind] = {"queries": len(rows), **metrics}
+    return {"products": int(pool_ok.sum()), "dim": int(prod.embeddings.shape[1]), "kinds": kinds, "pool": pool,
+            "texts": prod.reasoning}
 
 
 def _attribute_order(attributes: Sequence[dict | None]) -> list[str]:
@@ -216,17 +267,33 @@ def _attribute_order(attributes: Sequence[dict | None]) -> list[str]:
     return [k for k in ATTRIBUTES if k in seen] + sorted(seen - set(ATTRIBUTES))
 
 
+METRICS = ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"]
+
+
+def _kind_lines(kinds: dict) -> list[str]:
+    lines = [f"{'query kind':<12} {'queries':>8} " + " ".join(f"{m:>10}" for m in METRICS)]
+    for kind, m in kinds.items():
+        lines.append(f"{kind:<12} {m['queries']:>8} " + " ".join(f"{m[k]:>10.3f}" for k in METRICS))
+    return lines
+
+
 def format_table(report: dict) -> str:
-    lines = [f"model {report['model']}: {report['products']} products, dim {report['dim']}", "",
-             f"{'query kind':<12} {'queries':>8} " + " ".join(f"{m:>10}" for m in
-                                                          ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"])]
-    for kind, m in report["kinds"].items():
-        lines.append(f"{kind:<12} {m['queries']:>8} " + " ".join(
-            f"{m[k]:>10.3f}" for k in ["recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"]))
+    lines = [f"model {report['model']}: {report['products']} products, dim {report['dim']}", ""]
+    if "reasoning" in report:
+        lines.append("Direct mode")
+    lines += _kind_lines(report["kinds"])
     if report["zero_shot"]:
         lines += ["", f"{'zero-shot attribute':<20} {'accuracy':>9} {'chance':>7} {'products':>9}"]
         for name, z in report["zero_shot"].items():
             lines.append(f"{name:<20} {z['accuracy']:>9.3f} {z['chance']:>7.3f} {z['products']:>9}")
+    if "reasoning" in report:
+        r = report["reasoning"]
+        lines += ["", f"Reasoning mode (up to {r['max_tokens']} tokens): {r['products']} products",
+                  *_kind_lines(r["kinds"])]
+        if r["attributes"]:
+            lines += ["", f"{'generated attribute':<20} {'accuracy':>9} {'stated':>7} {'products':>9}"]
+            for name, a in r["attributes"].items():
+                lines.append(f"{name:<20} {a['accuracy']:>9.3f} {a['stated']:>7.3f} {a['products']:>9}")
     return "\n".join(lines)
 
 
@@ -273,6 +340,10 @@ def add_arguments(p) -> None:
     p.add_argument("--dim", type=int, default=None, help="Matryoshka truncation (default: full)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--prompt", default=PROMPT, help=f"zero-shot prompt template (default {PROMPT!r})")
+    p.add_argument("--reasoning", action="store_true", help="also evaluate reasoning mode, and the accuracy of "
+                   "the generated attributes against the products' ground truth, per field")
+    p.add_argument("--max-reasoning-tokens", type=int, default=None,
+                   help="reasoning budget per item (default: the checkpoint's moon3.reasoning.max_tokens)")
     p.add_argument("--output", default="eval.json", help="report JSON (a PNG beside it); default eval.json")
     p.add_argument("--no-progress", action="store_true")
 
@@ -285,6 +356,12 @@ def main(args) -> int:
         return 2
     encoder = moon3rt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                            flavour=args.flavour)
+    if args.reasoning:
+        try:
+            encoder.reasoning_plan(args.max_reasoning_tokens)
+        except ValueError as err:
+            print(f"error: --reasoning: {err}", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="moon3rt-world-") as tmp:
         if args.world:
             from moon3rt.world import WorldSpec, write_split
@@ -300,7 +377,8 @@ def main(args) -> int:
                     print(f"error: {path} does not exist", file=sys.stderr)
                     return 2
         report = evaluate(encoder, products, queries, dim=args.dim, batch_size=args.batch_size, prompt=args.prompt,
-                          show_progress=not args.no_progress)
+                          show_progress=not args.no_progress, reasoning=True if args.reasoning else None,
+                          max_reasoning_tokens=args.max_reasoning_tokens)
     if args.world:
         report["world"] = {"seed": args.world_seed, "split": "heldout", "products": args.world_products}
     for problem in report["problems"][:20]:

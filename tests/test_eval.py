@@ -1,4 +1,5 @@
-"""moon3rt eval: metrics on hand-built rankings, chunked search, zero-shot accuracy, the CLI end to end."""
+"""moon3rt eval: metrics on hand-built rankings, chunked search, zero-shot accuracy, the CLI end to end,
+reasoning mode beside direct mode with the generated attributes scored by hand."""
 
 import json
 import math
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from moon3rt.api import Encoder
 from moon3rt.cli import main
-from moon3rt.eval import retrieval_metrics, search, zero_shot_accuracy
+from moon3rt.eval import generated_attribute_accuracy, retrieval_metrics, search, zero_shot_accuracy
 from moon3rt.world import WorldSpec, write_split
 
 
@@ -63,3 +65,75 @@ def test_eval_cli_reports_table_json_and_missing_ids(tmp_path, capsys):
     assert report["kinds"]["image"]["queries"] == 8
     assert 0.0 <= report["zero_shot"]["colour"]["accuracy"] <= 1.0
     assert out.with_suffix(".png").exists()
+
+
+# ------------------------------------------------------------------------ --reasoning
+PRODUCTS = [  # title, ground truth, the reasoning text the model is made to write
+    ("Navy tee", {"category": "t-shirt", "colour": "navy"}, "category: T-Shirt; colour: red"),
+    ("White mug", {"category": "mug", "colour": "white", "material": "ceramic"},
+     "category: mug\ncolour: white; material: glass"),
+    ("Black backpack", {"category": "backpack", "colour": "Black"}, "colour: black; category: bag; colour: red"),
+    ("Gift card", None, "category: mug"),  # no ground truth: not counted
+]
+
+
+def test_generated_attribute_accuracy_by_hand():
+    texts = [t for _, _, t in PRODUCTS] + [None]  # a failed product has no text: not counted
+    truths = [a for _, a, _ in PRODUCTS] + [{"category": "mug"}]
+    acc = generated_attribute_accuracy(texts, truths)
+    assert list(acc) == ["category", "colour", "material"]
+    assert acc["category"] == {"accuracy": pytest.approx(2 / 3), "stated": 1.0, "products": 3}
+    assert acc["colour"] == {"accuracy": pytest.approx(2 / 3), "stated": 1.0, "products": 3}  # first value wins
+    assert acc["material"] == {"accuracy": 0.0, "stated": 1.0, "products": 1}
+
+
+def test_eval_cli_reasoning_reports_both_modes_and_generated_attributes(tmp_path, capsys, monkeypatch):
+    products, queries = tmp_path / "products.jsonl", tmp_path / "queries.jsonl"
+    products.write_text("".join(json.dumps({"id": f"p{i}", "text": t, **({"attributes": a} if a else {})}) + "\n"
+                                for i, (t, a, _) in enumerate(PRODUCTS)))
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "text": t.lower(), "relevant": [f"p{i}"]}) + "\n"
+                               for i, (t, _, _) in enumerate(PRODUCTS)))
+    written = {title: text for title, _, text in PRODUCTS}
+    calls = []
+    real = Encoder.encode_with_report
+
+    def encode_with_report(self, items, *args, **kwargs):
+        items = list(items)
+        calls.append((kwargs.get("reasoning"), kwargs.get("max_reasoning_tokens"), len(items)))
+        result = real(self, items, *args, **kwargs)
+        if kwargs.get("reasoning"):
+            assert all(isinstance(t, str) for t in result.reasoning)  # the model's own texts, replaced below
+            result.reasoning = [written.get(item["text"], t) for item, t in zip(items, result.reasoning)]
+        return result
+
+    monkeypatch.setattr(Encoder, "encode_with_report", encode_with_report)
+    out = tmp_path / "report.json"
+    assert main(["eval", "--model", "moon3-tiny-random", "--products", str(products), "--queries", str(queries),
+                 "--reasoning", "--max-reasoning-tokens", "2", "--output", str(out), "--no-progress"]) == 0
+    assert calls == [(False, None, 4), (False, None, 4), (True, 2, 4), (True, 2, 4)]  # direct, then reasoning
+    table = capsys.readouterr().out
+    assert "Direct mode" in table and "Reasoning mode (up to 2 tokens)" in table and "generated attribute" in table
+    report = json.loads(out.read_text())
+    r = report["reasoning"]
+    assert r["max_tokens"] == 2 and r["products"] == 4 and r["kinds"]["text"]["queries"] == 4
+    assert set(report["kinds"]) == set(r["kinds"]) == {"text"}
+    acc = r["attributes"]
+    assert acc["category"]["accuracy"] == pytest.approx(2 / 3) and acc["category"]["products"] == 3
+    assert acc["colour"]["accuracy"] == pytest.approx(2 / 3) and acc["material"]["accuracy"] == 0.0
+
+
+def test_eval_cli_reasoning_refuses_a_model_that_cannot_reason(tmp_path, capsys):
+    from moon3rt.api import TINY_TOKENIZER
+    from moon3rt.config import Moon3Config
+    from moon3rt.model import random_model
+    from moon3rt.train.loop import save_checkpoint
+
+    cfg = Moon3Config.from_name("moon3-tiny-random")
+    cfg.moon3.pooling, cfg.moon3.embed_token_id = "mean", None
+    model = save_checkpoint(random_model(cfg.validate()), tmp_path / "no_emb", TINY_TOKENIZER)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "p", "text": "mug"}) + "\n")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q", "text": "mug", "relevant": ["p"]}) + "\n")
+    assert main(["eval", "--model", str(model), "--products", str(tmp_path / "p.jsonl"), "--queries",
+                 str(tmp_path / "q.jsonl"), "--reasoning", "--output", str(tmp_path / "r.json")]) == 2
+    assert "error: --reasoning: this model cannot run reasoning mode" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

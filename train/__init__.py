@@ -8,5 +8,6 @@ term, and a next-token loss on the attribute text written before ``<emb>``.
 - `losses`: one function per loss term;
 - `distributed`: process group and gathers with gradients;
 - `loop`: model from a base, the step, checkpoints, resume, logs;
+- `grpo`, `rewards`, `grpo_step`, `rl_loop`: the RL stage (docs/RL.md): objective, rewards, one step, the loop;
 - `recipes`: named, reproducible runs (``moon3-tiny``: the embedded default).
 """

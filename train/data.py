@@ -226,8 +226,9 @@ class Preparer:
                                         temporal_patch_size=v.temporal_patch_size))
         return out
 
-    def item(self, rec: Record) -> PreparedItem:
-        return self.prompt.build(rec.text, self._images(rec))
+    def item(self, rec: Record, reasoning: bool = False) -> PreparedItem:
+        """The record's prompt; `reasoning`: reasoning mode's (the prefix generation continues)."""
+        return self.prompt.build(rec.text, self._images(rec), reasoning=reasoning)
 
     def reasoning_item(self, rec: Record) -> tuple[PreparedItem, np.ndarray]:
         """The product's reasoning sequence: prompt, attribute text, ``</think>\\n<emb>``.

@@ -280,12 +280,20 @@ def objective(rescorer: nn.Module, rollouts: RolloutBatch, cfg: RLConfig) -> Obj
 
 
 def update(rescorer: nn.Module, optimizer: torch.optim.Optimizer, rollouts: RolloutBatch, cfg: RLConfig) -> Objective:
-    """One optimiser step on the collected rollouts (step 3); the terms are this step's, before it."""
+    """One optimiser step on the collected rollouts (step 3); the terms are this step's, before it.
+
+    A non-finite objective on any rank raises `FloatingPointError` on every rank before any
+    weight changes."""
     optimizer.zero_grad(set_to_none=True)
     terms = objective(rescorer, rollouts, cfg)
-    if not torch.isfinite(terms.loss):
-        raise FloatingPointError(f"the RL objective is {terms.loss.item()} (surrogate {terms.surrogate.item()}, "
-                                 f"kl {terms.kl.item()}, nce {terms.nce.item()}): the step is not applied")
+    bad = torch.tensor([0.0 if torch.isfinite(terms.loss) else 1.0], device=terms.loss.device)
+    if _world()[0] > 1:  # every rank stops, or the others would wait in backward's all-reduce
+        torch.distributed.all_reduce(bad)
+    if bad.item():
+        where = "" if not torch.isfinite(terms.loss) else " on this rank, non-finite on another"
+        raise FloatingPointError(f"the RL objective is {terms.loss.item()}{where} (surrogate "
+                                 f"{terms.surrogate.item()}, kl {terms.kl.item()}, nce {terms.nce.item()}): "
+                                 f"the step is not applied")
     terms.loss.backward()
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(rescorer.parameters(), cfg.max_grad_norm)

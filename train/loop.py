@@ -87,35 +87,41 @@ def tokenizer_path(base: str) -> Path:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> Moon3Model:
+    """The base model of `cfg` (`base_model`), with the ablations' surgery."""
+    return base_model(cfg.model, device, cfg.seed, cfg.no_fire, cfg.no_fusion, cfg.pooling)
+
+
+def base_model(name: str, device: torch.device, seed: int = 0, no_fire: bool = False, no_fusion: bool = False,
+               pooling: str | None = None) -> Moon3Model:
     """The base model in fp32: a checkpoint directory as saved, or a preset freshly initialised.
 
     A fresh model starts FIRE at alpha = 0 (DESIGN.md: FIRE begins as the identity) with
     random up-projections, so alpha gets a gradient from the first step.
     """
-    if Path(cfg.model).is_dir():
-        model = load_model(cfg.model, dtype=torch.float32, device=device)
+    if Path(name).is_dir():
+        model = load_model(name, dtype=torch.float32, device=device)
         mcfg = model.cfg
     else:
-        if cfg.model not in PRESETS:
-            raise ValueError(f"base model {cfg.model!r} is neither a checkpoint directory nor a preset "
+        if name not in PRESETS:
+            raise ValueError(f"base model {name!r} is neither a checkpoint directory nor a preset "
                              f"({sorted(PRESETS)})")
-        mcfg = Moon3Config.from_name(cfg.model)
+        mcfg = Moon3Config.from_name(name)
         model = None
-    surgery = cfg.no_fire or cfg.no_fusion or cfg.pooling
+    surgery = no_fire or no_fusion or pooling
     if surgery:
         if mcfg.moon3 is None:
             raise ValueError("--no-fire/--no-fusion/--pooling need a model with a moon3 block")
         mcfg = dataclasses.replace(mcfg, moon3=dataclasses.replace(
-            mcfg.moon3, fire=None if cfg.no_fire else mcfg.moon3.fire,
-            fusion=None if cfg.no_fusion else mcfg.moon3.fusion, pooling=cfg.pooling or mcfg.moon3.pooling))
+            mcfg.moon3, fire=None if no_fire else mcfg.moon3.fire,
+            fusion=None if no_fusion else mcfg.moon3.fusion, pooling=pooling or mcfg.moon3.pooling))
         mcfg.validate()
     if model is None or surgery:
-        fresh = random_model(mcfg, seed=cfg.seed, device=device)
+        fresh = random_model(mcfg, seed=seed, device=device)
         if model is not None:  # keep the trained weights the new layout still has
             fresh.load_state_dict({k: v for k, v in model.state_dict().items()
                                    if k in fresh.state_dict()}, strict=False)
         model = fresh
-        if model.fire is not None and not Path(cfg.model).is_dir():
+        if model.fire is not None and not Path(name).is_dir():
             with torch.no_grad():
                 model.fire.alpha.zero_()
     return model.train()
@@ -221,7 +227,9 @@ def checkpoints(out: Path) -> list[Path]:
                   and (p / "trainer_state.pt").exists())
 
 
-def plot_losses(log: Path, png: Path) -> None:
+def plot_losses(log: Path, png: Path, keys: tuple[str, ...] = ("loss", "nce", "ntp"), ylabel: str = "loss",
+                log_scale: bool = True, title: str = "moon3rt training") -> None:
+    """The curves of `keys` in a log.jsonl, one line each, as a PNG (skipped without matplotlib)."""
     try:
         import matplotlib
 
@@ -233,15 +241,16 @@ def plot_losses(log: Path, png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "nce", "ntp"):
+    for key in keys:
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts), label=key)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    if log_scale:
+        ax.set_yscale("log")
     ax.legend()
-    ax.set_title("moon3rt training")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
