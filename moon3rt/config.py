@@ -7,7 +7,9 @@ transformers-5 layout, so transformers itself can read the backbone part back.
 
 Named presets (`Moon3Config.from_name`):
 
-- ``moon3-tiny``: a few narrow layers, for tests and the demo (random weights).
+- ``moon3-tiny``: a few narrow layers, for tests (random weights; `moon3rt.load("moon3-tiny")`
+  loads the trained default instead, whose architecture is ``moon3-mini``).
+- ``moon3-mini``: the trained default's architecture (~1.2 M parameters), random weights.
 - ``moon3-small``: a mid-size model (4 + 4 layers, width 256, 336x336 images) for CPU
   benchmarks that tiny shapes would flatter (random weights).
 - ``moon3-2b``: Qwen2-VL-2B dimensions plus MOON3 heads, for benchmarks (random weights).
@@ -534,6 +536,24 @@ PRESETS: dict[str, Moon3Config] = {
         text=TextConfig(
             vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, mrope_section=[2, 3, 3],
+            max_position_embeddings=4096, tie_word_embeddings=True,
+        ),
+        moon3=Moon3HeadConfig(
+            embed_token_id=TINY_SPECIAL_IDS["<emb>"], pooling="emb_token",
+            fire=FireConfig(layers=[0, 2], rank=8), fusion=FusionConfig(num_heads=4, head_dim=16),
+            projection_dim=48, matryoshka_dims=[48, 32, 16],
+        ),
+        flavour="moon3", min_pixels=56 * 56, max_pixels=28 * 28 * 64, max_text_tokens=128,
+        **_tiny_ids(),
+    ),
+    # The embedded default's architecture (moon3rt/assets/moon3-tiny/ holds it trained):
+    # moon3-tiny with a vision tower twice as wide and deep and a decoder twice as wide,
+    # since the world's images are what the smallest one failed to learn (docs/TRAINING.md).
+    "moon3-mini": Moon3Config(
+        vision=VisionConfig(depth=4, embed_dim=64, hidden_size=128, num_heads=4),
+        text=TextConfig(
+            vocab_size=1024, hidden_size=128, intermediate_size=320, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=2, rope_theta=10000.0, mrope_section=[2, 3, 3],
             max_position_embeddings=4096, tie_word_embeddings=True,
         ),
         moon3=Moon3HeadConfig(

@@ -166,5 +166,38 @@ def test_recipe_names_a_reproducible_run():
     from moon3rt.train.recipes import RECIPES
 
     recipe = RECIPES["moon3-tiny"]
-    assert recipe.train.model == "moon3-tiny-random" and recipe.world.seed == recipe.train.seed == 0
+    assert recipe.train.model == "moon3-mini" and recipe.world.seed == recipe.train.seed == 0
+    assert recipe.train.ntp_from_image
     assert dataclasses.replace(recipe.train, data="d", out="o").steps == recipe.train.steps
+
+
+def test_attribute_text_from_an_image_drops_the_title_and_varies_the_rendering(world):
+    from moon3rt.train.data import reasoning_source, sample_pairs
+
+    data = read_dataset(world)
+    # every product is drawn SPEC.image_queries more times as an image query
+    assert all(len(v) == 1 + SPEC.image_queries for v in data.views_of)
+    listed = reasoning_source(data, 0, 1, from_image=False)
+    assert listed is data.products[0] and listed.text
+    drawn = [reasoning_source(data, 0, v, from_image=True) for v in range(2)]
+    assert all(r.text is None and r.attributes == data.products[0].attributes for r in drawn)
+    assert drawn[0].images != drawn[1].images and drawn[0].images[0] in data.views_of[0]
+    pairs = sample_pairs(data, 8, seed=0, step=3)
+    assert len(pairs.views) == len(pairs.products)
+    assert sample_pairs(data, 8, seed=0, step=3) == pairs  # a function of (seed, step)
+
+
+def test_loss_falls_when_the_attribute_text_is_read_off_the_image(world, tmp_path):
+    train(config(world, tmp_path, steps=20, lr=1e-2, hard_negatives=False, ntp_from_image=True))
+    rows = logged(tmp_path)
+    assert np.mean([r["ntp"] for r in rows[-3:]]) < 0.7 * np.mean([r["ntp"] for r in rows[:3]]), rows
+
+
+def test_recipe_runs_share_one_rendered_world(world, tmp_path, monkeypatch):
+    from moon3rt.train import recipes
+
+    seen = {}
+    monkeypatch.setattr(recipes, "write_split", lambda *a, **k: pytest.fail("the world was rendered again"))
+    monkeypatch.setattr(recipes, "train", lambda cfg: seen.setdefault("cfg", cfg))
+    recipes.run_recipe("moon3-tiny", tmp_path / "run", data=str(world), steps=3)
+    assert seen["cfg"].data == str(world) and seen["cfg"].steps == 3 and seen["cfg"].out == str(tmp_path / "run")

@@ -25,24 +25,28 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "moon3-tiny": Recipe(
-        world=WorldSpec(seed=0, train_products=1500, heldout_products=1200, image_queries=2, text_queries=3),
-        train=TrainConfig(model="moon3-tiny-random", steps=1000, batch_size=24, lr=1e-3, warmup=50,
-                          temperature=0.05, ntp_weight=0.2, ntp_items=4, save_every=100, log_every=10, seed=0,
-                          max_minutes=45),
-        note="fits 45 minutes of one CPU core shared with other jobs; see docs/TRAINING.md",
+        world=WorldSpec(seed=0, train_products=3000, heldout_products=1200, image_queries=3, text_queries=3),
+        train=TrainConfig(model="moon3-mini", steps=1300, batch_size=32, lr=1e-3, warmup=100,
+                          temperature=0.05, ntp_weight=0.3, ntp_items=4, ntp_from_image=True, save_every=100,
+                          log_every=10, seed=0, max_minutes=45),
+        note="about 45 minutes of one CPU thread (the world's rendering included); see docs/TRAINING.md",
     ),
 }
 
 
 def run_recipe(name: str, out: str | Path, **overrides) -> Path:
-    """Render the recipe's training world under ``out/world`` (kept across runs) and train into ``out``."""
+    """Render the recipe's training world under ``out/world`` (kept across runs) and train into ``out``.
+
+    A ``data`` override names a directory that holds the recipe's world already (rendered
+    there when it does not), so several runs of one recipe share one rendering.
+    """
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; recipes are {sorted(RECIPES)}")
     recipe = RECIPES[name]
     out = Path(out)
-    data = out / "world" / "train"
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    data = Path(overrides.pop("data", out / "world" / "train"))  # --data: a world rendered already
     if not (data / "queries.jsonl").exists():
-        write_split(recipe.world, "train", data)
-    cfg = dataclasses.replace(recipe.train, data=str(data), out=str(out),
-                              **{k: v for k, v in overrides.items() if v is not None})
+        write_split(recipe.world, "train", data, show_progress=overrides.get("show_progress", True))
+    cfg = dataclasses.replace(recipe.train, data=str(data), out=str(out), **overrides)
     return train(cfg)
