@@ -1,6 +1,6 @@
 """The ablation table of docs/TRAINING.md: the recipe's training with one module removed per row.
 
-    python bench/ablation.py --steps 400 --out runs/ablation        # full, no FIRE, no MHMF, mean pooling
+    python bench/ablation.py --steps 400 --model moon3-mini --out runs/ablation   # full, no FIRE, no MHMF, mean pooling
 
 Every row trains from the same seed on the same rendered world (the recipe's, under
 ``--out/world``, rendered once) with the same budget (``--steps``; the recipe's other
@@ -47,6 +47,7 @@ def table(results: dict[str, dict], steps: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="moon3-tiny")
+    p.add_argument("--model", default=None, help="base model of every row (default: the recipe's)")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per row (same for every row)")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(ROWS))
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
         run_dir = out / slug
         if not (run_dir / "final" / "model.safetensors").exists():
             run(py + ["train", "--recipe", args.recipe, "--data", str(world), "--out", str(run_dir),
-                      "--steps", str(args.steps), "--no-progress", *ROWS[row]])
+                      "--steps", str(args.steps), "--no-progress", *(["--model", args.model] if args.model else []),
+                      *ROWS[row]])
         report = run_dir / "eval.json"
         if not report.exists():
             run(py + ["eval", "--model", str(run_dir / "final"), "--world", "--world-dir", str(out / "world"),
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
         results[row] = json.loads(report.read_text())
     text = table(results, args.steps)
     (out / "ablation.md").write_text(text + "\n")
-    (out / "ablation.json").write_text(json.dumps({"steps": args.steps, "recipe": args.recipe,
+    (out / "ablation.json").write_text(json.dumps({"steps": args.steps, "recipe": args.recipe, "model": args.model,
                                                    "commit": os.environ.get("MOON3RT_GIT_COMMIT"),
                                                    "rows": results}, indent=2) + "\n")
     print(text)

@@ -7,9 +7,9 @@ transformers-5 layout, so transformers itself can read the backbone part back.
 
 Named presets (`Moon3Config.from_name`):
 
-- ``moon3-tiny``: a few narrow layers, for tests (random weights; `moon3rt.load("moon3-tiny")`
-  loads the trained default instead, whose architecture is ``moon3-mini``).
-- ``moon3-mini``: the trained default's architecture (~1.2 M parameters), random weights.
+- ``moon3-tiny``: a few narrow layers, for tests and the demo (random weights;
+  `moon3rt.load("moon3-tiny")` loads the trained default of this architecture instead).
+- ``moon3-mini``: moon3-tiny twice as wide (~1.2 M parameters), random weights.
 - ``moon3-small``: a mid-size model (4 + 4 layers, width 256, 336x336 images) for CPU
   benchmarks that tiny shapes would flatter (random weights).
 - ``moon3-2b``: Qwen2-VL-2B dimensions plus MOON3 heads, for benchmarks (random weights).
@@ -546,9 +546,9 @@ PRESETS: dict[str, Moon3Config] = {
         flavour="moon3", min_pixels=56 * 56, max_pixels=28 * 28 * 64, max_text_tokens=128,
         **_tiny_ids(),
     ),
-    # The embedded default's architecture (moon3rt/assets/moon3-tiny/ holds it trained):
-    # moon3-tiny with a vision tower twice as wide and deep and a decoder twice as wide,
-    # since the world's images are what the smallest one failed to learn (docs/TRAINING.md).
+    # moon3-tiny with a vision tower twice as wide and deep and a decoder twice as wide: the
+    # base of the ablation runs, since the world's images are what moon3-tiny fails to learn
+    # (docs/TRAINING.md).
     "moon3-mini": Moon3Config(
         vision=VisionConfig(depth=4, embed_dim=64, hidden_size=128, num_heads=4),
         text=TextConfig(
