@@ -48,6 +48,10 @@ from ..model import Moon3Model, PackedBatch
 
 INSTALL_HINT = "pip install 'moon3rt[onnx]'"
 DEFAULT_MAX_CELLS = 2**23  # attention cells per part: segments x L^2, items and images
+# On a CPU a part's score tensors (heads x cells x 4 bytes per attention) should stay in the
+# last-level cache: with moon3-small's 336-px images (4 vision heads, 576 patches) a part of
+# 16 images at 2^23 cells made each item cost 1.23x batch 1 (bench/throughput.py, docs/ONNX.md).
+CPU_MAX_CELLS = 2**20
 
 
 def _require_onnx():
@@ -102,7 +106,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model: Moon3Model, device: torch.device, cache_dir: str | os.PathLike | None = None,
-                 max_attention_cells: int = DEFAULT_MAX_CELLS, threads: int | None = None,
+                 max_attention_cells: int | None = None, threads: int | None = None,
                  spin: bool | None = None, attention: str | None = None):
         from ..export.onnx_model import ATTENTION
 
@@ -110,6 +114,13 @@ class OnnxRuntimeBackend:
         self.model = model
         self.device = torch.device(device)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        env_cells = os.environ.get("MOON3RT_ORT_MAX_CELLS")
+        if max_attention_cells is None and env_cells:
+            max_attention_cells = int(env_cells)
+        if max_attention_cells is None:
+            max_attention_cells = DEFAULT_MAX_CELLS if self.device.type == "cuda" else CPU_MAX_CELLS
+        if max_attention_cells < 1:
+            raise ValueError(f"max_attention_cells must be positive, got {max_attention_cells}")
         self.max_attention_cells = max_attention_cells
         env_threads = os.environ.get("MOON3RT_ORT_THREADS")
         if threads is None and env_threads:
