@@ -12,9 +12,9 @@ a bf16 model's vectors here are those of its weights evaluated in fp32.
 Batches are grouped by length (`moon3rt.batching.attention_buckets`): the graph runs
 attention per segment in a padded (segments, L) layout (export/onnx_model.py), so each
 part holds items of similar length, and its budget counts attention cells, segments x
-L^2 summed over items and images (default 2^23, `max_attention_cells`; the scores take
-heads x cells x 4 bytes per layer), so one large image among small ones does not pad
-the rest. Every vector is the same whatever part its item runs in. Text-only parts run
+L^2 summed over items and images (default 2^20 on a CPU, 2^23 on CUDA;
+`max_attention_cells` or MOON3RT_ORT_MAX_CELLS; the scores take heads x cells x 4 bytes
+per layer), so one large image among small ones does not pad the rest. Every vector is the same whatever part its item runs in. Text-only parts run
 the full graph with its one-window placeholder image
 (`moon3rt.export.onnx_model.export_inputs`).
 
