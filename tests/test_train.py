@@ -166,7 +166,7 @@ def test_recipe_names_a_reproducible_run():
     from moon3rt.train.recipes import RECIPES
 
     recipe = RECIPES["moon3-tiny"]
-    assert recipe.train.model == "moon3-mini" and recipe.world.seed == recipe.train.seed == 0
+    assert recipe.train.model == "moon3-tiny-random" and recipe.world.seed == recipe.train.seed == 0
     assert recipe.train.ntp_from_image
     assert dataclasses.replace(recipe.train, data="d", out="o").steps == recipe.train.steps
 
