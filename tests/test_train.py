@@ -201,3 +201,18 @@ def test_recipe_runs_share_one_rendered_world(world, tmp_path, monkeypatch):
     monkeypatch.setattr(recipes, "train", lambda cfg: seen.setdefault("cfg", cfg))
     recipes.run_recipe("moon3-tiny", tmp_path / "run", data=str(world), steps=3)
     assert seen["cfg"].data == str(world) and seen["cfg"].steps == 3 and seen["cfg"].out == str(tmp_path / "run")
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_stage(world, tmp_path):
+    cfg = config(world, tmp_path, steps=1)
+    train(cfg)
+    [ckpt] = loop.checkpoints(tmp_path)
+    model = loop.build_model(cfg, torch.device("cpu"))
+    optimizer, scheduler = loop.make_optimizer(model, cfg)
+    assert loop.resume(tmp_path, model, optimizer, scheduler, torch.device("cpu")) == (1, ckpt)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state["config"]["stage"] = "rl"
+    torch.save(state, ckpt / "trainer_state.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of the contrastive stage"):
+        loop.resume(tmp_path, model, optimizer, scheduler, torch.device("cpu"))
+    assert loop.resume(tmp_path, model, optimizer, scheduler, torch.device("cpu"), stage="rl")[0] == 1

@@ -227,6 +227,54 @@ def checkpoints(out: Path) -> list[Path]:
                   and (p / "trainer_state.pt").exists())
 
 
+def resume(out: Path, model: nn.Module, optimizer, scheduler, device: torch.device,
+           stage: str | None = None) -> tuple[int, Path | None]:
+    """Load the newest step checkpoint under `out` into model, optimizer and scheduler.
+
+    Returns (its step, its path), or (0, None) when there is none. `stage`: the checkpoint's
+    ``config.stage`` must equal it (contrastive checkpoints carry none), else ValueError.
+    """
+    found = checkpoints(out)
+    if not found:
+        return 0, None
+    state = torch.load(found[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if state.get("config", {}).get("stage") != stage:
+        raise ValueError(f"{found[-1]} is not a checkpoint of the {stage or 'contrastive'} stage; "
+                         "resume it with its own stage")
+    model.load_state_dict(load_model(found[-1], dtype=torch.float32, device=device).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], found[-1]
+
+
+def save_step(model: Moon3Model, out: Path, step: int, tokenizer: Path, state: dict, keep: int, rank: int,
+              world: int, plot=None) -> Path:
+    """Rank 0 writes ``out/checkpoints/step-N`` (trainer state included), keeps the newest `keep`
+    and calls `plot()`; every rank waits for it and gets its path."""
+    path = out / "checkpoints" / f"step-{step:08d}"
+    if rank == 0:
+        save_checkpoint(model, path, tokenizer, state)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        if plot is not None:
+            plot()
+    if world > 1:
+        torch.distributed.barrier()
+    return path
+
+
+def save_final(model: Moon3Model, out: Path, tokenizer: Path, rank: int, world: int, plot=None) -> Path:
+    """Rank 0 writes ``out/final`` (what `moon3rt.load` reads) and calls `plot()`; every rank waits."""
+    final = out / "final"
+    if rank == 0:
+        save_checkpoint(model, final, tokenizer)
+        if plot is not None:
+            plot()
+    if world > 1:
+        torch.distributed.barrier()
+    return final
+
+
 def plot_losses(log: Path, png: Path, keys: tuple[str, ...] = ("loss", "nce", "ntp"), ylabel: str = "loss",
                 log_scale: bool = True, title: str = "moon3rt training") -> None:
     """The curves of `keys` in a log.jsonl, one line each, as a PNG (skipped without matplotlib)."""
@@ -287,24 +335,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     optimizer, scheduler = make_optimizer(model, cfg)
-    start = 0
-    found = checkpoints(out) if cfg.resume else []
-    if found:
-        state = torch.load(found[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
-        saved = load_model(found[-1], dtype=torch.float32, device=device)
-        model.load_state_dict(saved.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
-        if rank == 0:
-            print(f"resumed from {found[-1]} (step {start})")
+    start, last_good = resume(out, model, optimizer, scheduler, device) if cfg.resume else (0, None)
+    if rank == 0 and last_good is not None:
+        print(f"resumed from {last_good} (step {start})")
     forward: nn.Module = Forward(model)
     if world > 1:
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda"
                                                       else None, find_unused_parameters=True)
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     log_path, began = out / "log.jsonl", time.perf_counter()
-    last_good = found[-1] if found else None
+    plot = lambda: plot_losses(log_path, out / "loss.png")  # noqa: E731
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.show_progress and rank == 0), desc="train",
                unit="step")
     step = start
@@ -351,29 +391,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
                                     "elapsed_s": round(time.perf_counter() - began, 1)}) + "\n")
         out_of_time = cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
-            if rank == 0:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                         "config": dataclasses.asdict(cfg)}
-                last_good = save_checkpoint(model, out / "checkpoints" / f"step-{step:08d}", tok_path, state)
-                for old in checkpoints(out)[:-cfg.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-                plot_losses(log_path, out / "loss.png")
-            else:
-                last_good = out / "checkpoints" / f"step-{step:08d}"
-            if world > 1:
-                torch.distributed.barrier()
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                     "config": dataclasses.asdict(cfg)}
+            last_good = save_step(model, out, step, tok_path, state, cfg.keep, rank, world, plot)
         if out_of_time:
             if rank == 0:
                 print(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
             break
     bar.close()
-    final = out / "final"
-    if rank == 0:
-        save_checkpoint(model, final, tok_path)
-        plot_losses(log_path, out / "loss.png")
-    if world > 1:
-        torch.distributed.barrier()
-    return final
+    return save_final(model, out, tok_path, rank, world, plot)
 
 
 class _null:

@@ -8,7 +8,7 @@ its contiguous share, both sides get reasoning prompts, and `grpo_step.collect` 
 rollouts per item with a seed made from (seed, step); `grpo_step.update` then runs
 `updates` optimiser steps on them. The reference pi_ref is the `--model` checkpoint as
 loaded, made once, also when a run resumes. Checkpoints, ``--resume`` and the stop on a
-non-finite objective are the contrastive loop's (`loop.save_checkpoint`, `loop.checkpoints`,
+non-finite objective are the contrastive loop's (`loop.resume`, `loop.save_step`, `loop.save_final`,
 `loop.TrainingStopped`).
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +25,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moon3rt.checkpoint import load_model
 from moon3rt.prompt import PromptBuilder, load_tokenizer
 
 from . import distributed
 from .data import Preparer, read_dataset, sample_pairs
 from .grpo import GRPOConfig
 from .grpo_step import RLConfig, Rescorer, check_rl_model, collect, frozen_reference, update
-from .loop import TrainingStopped, base_model, checkpoints, make_optimizer, plot_losses, save_checkpoint, \
+from .loop import TrainingStopped, base_model, make_optimizer, plot_losses, resume, save_final, save_step, \
     tokenizer_path
 from .rewards import RewardConfig
 
@@ -138,24 +136,20 @@ def _train_rl(cfg: RLTrainConfig, rank: int, world: int, device: torch.device) -
     preparer = Preparer(prompt)
     reference = frozen_reference(policy, rl, plan.suppressed_ids)  # the model as loaded, also on resume
     optimizer, scheduler = make_optimizer(policy, cfg)
-    start = 0
-    found = checkpoints(out) if cfg.resume else []
-    if found:
-        state = torch.load(found[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
-        if state.get("config", {}).get("stage") != "rl":
-            raise RLRefused(f"{found[-1]} is not a checkpoint of the RL stage; resume it with its own stage")
-        policy.load_state_dict(load_model(found[-1], dtype=torch.float32, device=device).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
-        if rank == 0:
-            print(f"resumed from {found[-1]} (step {start})")
+    start, last_good = 0, None
+    if cfg.resume:
+        try:
+            start, last_good = resume(out, policy, optimizer, scheduler, device, stage="rl")
+        except ValueError as err:
+            raise RLRefused(str(err)) from None
+    if rank == 0 and last_good is not None:
+        print(f"resumed from {last_good} (step {start})")
     rescorer: nn.Module = Rescorer(policy, plan.suppressed_ids, rl.temperature)
     if world > 1:
         rescorer = nn.parallel.DistributedDataParallel(rescorer, device_ids=[device.index] if device.type == "cuda"
                                                        else None, find_unused_parameters=True)
     log_path, began = out / "log.jsonl", time.perf_counter()
-    last_good = found[-1] if found else None
+    plot = lambda: _plot(log_path, out)  # noqa: E731
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.show_progress and rank == 0), desc="rl",
                unit="step")
     share = pairs // world
@@ -191,29 +185,15 @@ def _train_rl(cfg: RLTrainConfig, rank: int, world: int, device: torch.device) -
                 f.write(json.dumps(row) + "\n")
         out_of_time = cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
-            if rank == 0:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                         "config": {"stage": "rl", **dataclasses.asdict(cfg)}}
-                last_good = save_checkpoint(policy, out / "checkpoints" / f"step-{step:08d}", tok_path, state)
-                for old in checkpoints(out)[:-cfg.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-                _plot(log_path, out)
-            else:
-                last_good = out / "checkpoints" / f"step-{step:08d}"
-            if world > 1:
-                torch.distributed.barrier()
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                     "config": {"stage": "rl", **dataclasses.asdict(cfg)}}
+            last_good = save_step(policy, out, step, tok_path, state, cfg.keep, rank, world, plot)
         if out_of_time:
             if rank == 0:
                 print(f"stopping at step {step}: --max-minutes {cfg.max_minutes} reached")
             break
     bar.close()
-    final = out / "final"
-    if rank == 0:
-        save_checkpoint(policy, final, tok_path)
-        _plot(log_path, out)
-    if world > 1:
-        torch.distributed.barrier()
-    return final
+    return save_final(policy, out, tok_path, rank, world, plot)
 
 
 def _log_row(rollouts, terms, world: int) -> dict:
