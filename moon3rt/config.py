@@ -546,24 +546,6 @@ PRESETS: dict[str, Moon3Config] = {
         flavour="moon3", min_pixels=56 * 56, max_pixels=28 * 28 * 64, max_text_tokens=128,
         **_tiny_ids(),
     ),
-    # moon3-tiny with a vision tower twice as wide and deep and a decoder twice as wide: the
-    # base of the ablation runs, since the world's images are what moon3-tiny fails to learn
-    # (docs/TRAINING.md).
-    "moon3-mini": Moon3Config(
-        vision=VisionConfig(depth=4, embed_dim=64, hidden_size=128, num_heads=4),
-        text=TextConfig(
-            vocab_size=1024, hidden_size=128, intermediate_size=320, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=2, rope_theta=10000.0, mrope_section=[2, 3, 3],
-            max_position_embeddings=4096, tie_word_embeddings=True,
-        ),
-        moon3=Moon3HeadConfig(
-            embed_token_id=TINY_SPECIAL_IDS["<emb>"], pooling="emb_token",
-            fire=FireConfig(layers=[0, 2], rank=8), fusion=FusionConfig(num_heads=4, head_dim=16),
-            projection_dim=48, matryoshka_dims=[48, 32, 16],
-        ),
-        flavour="moon3", min_pixels=56 * 56, max_pixels=28 * 28 * 64, max_text_tokens=128,
-        **_tiny_ids(),
-    ),
     "moon3-small": Moon3Config(
         vision=VisionConfig(depth=4, embed_dim=128, hidden_size=256, num_heads=4),
         text=TextConfig(
@@ -595,3 +577,14 @@ PRESETS: dict[str, Moon3Config] = {
 # The embedded default's architecture with deterministic random weights (tests, benchmarks);
 # `moon3rt.load("moon3-tiny")` loads the trained weights shipped in moon3rt/assets/moon3-tiny/.
 PRESETS["moon3-tiny-random"] = copy.deepcopy(PRESETS["moon3-tiny"])
+# moon3-tiny with a vision tower twice as wide and deep and a decoder twice as wide: the
+# base of the ablation runs, since the world's images are what moon3-tiny fails to learn
+# (docs/TRAINING.md).
+_tiny = PRESETS["moon3-tiny"]
+PRESETS["moon3-mini"] = dataclasses.replace(
+    copy.deepcopy(_tiny),
+    vision=dataclasses.replace(_tiny.vision, depth=4, embed_dim=64, hidden_size=128, num_heads=4),
+    text=dataclasses.replace(_tiny.text, hidden_size=128, intermediate_size=320, num_hidden_layers=4,
+                             num_attention_heads=8),
+)
+del _tiny
