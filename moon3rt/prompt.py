@@ -250,17 +250,22 @@ class PromptBuilder:
         ids = head_ids + title_ids + tail_ids
         is_title = [False] * len(head_ids) + [True] * len(title_ids) + [False] * len(tail_ids)
 
-        # Expand each <|image_pad|> into the image's merged tokens and lay out positions.
+        # Expand each <|image_pad|> into the image's merged tokens and lay out positions: a
+        # text token takes the next position on all three rope axes; an image takes a block.
         out_ids: list[int] = []
         title_pos: list[int] = []
         pos_rows: list[np.ndarray] = []
-        cur = 0
+        cur = 0  # position of the next token
+        run = 0  # text tokens since the last image, whose positions are cur - run .. cur - 1
         image_iter = iter(images)
         pool_position = None
         for at, (tok, in_title) in enumerate(zip(ids, is_title)):
             if at == pool_at:
                 pool_position = len(out_ids)
             if tok == self.image_pad_id and not in_title:
+                if run:
+                    pos_rows.append(np.broadcast_to(np.arange(cur - run, cur), (3, run)))
+                    run = 0
                 _, gh, gw = next(image_iter).grid_thw
                 mh, mw = gh // self.merge, gw // self.merge
                 out_ids.extend([tok] * (mh * mw))
@@ -276,8 +281,10 @@ class PromptBuilder:
             if in_title:
                 title_pos.append(len(out_ids))
             out_ids.append(tok)
-            pos_rows.append(np.full((3, 1), cur, dtype=np.int64))
             cur += 1
+            run += 1
+        if run:
+            pos_rows.append(np.broadcast_to(np.arange(cur - run, cur), (3, run)))
         return PreparedItem(
             input_ids=np.asarray(out_ids, dtype=np.int64),
             position_ids=np.concatenate(pos_rows, axis=1).astype(np.int64),
