@@ -3,8 +3,8 @@
     python bench/serve_load.py                                  # moon3-tiny on CPU, 1/8/64 clients + overload
     python bench/serve_load.py --device cuda --model moon3-2b --image-size 448
 
-Starts the server in a subprocess on a free 127.0.0.1 port, then, with an httpx async
-client: for each concurrency (default 1, 8, 64) that many clients each send single-item
+Starts the server in a subprocess on a free 127.0.0.1 port, then, with an aiohttp (or,
+`--client httpx`, httpx) async client: for each concurrency (default 1, 8, 64) that many clients each send single-item
 requests back to back (half text queries, half image + title products), a bounded number
 per client and at most `--phase-cap-s` seconds per phase. Every 200 response is checked
 against the same item embedded alone offline (a mixed-up result is counted, never
@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=2, help="server preprocessing threads (and encode's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, server and offline alike")
+    p.add_argument("--client", choices=("aiohttp", "httpx"), default=None,
+                   help="load generator (default: aiohttp if installed, else httpx)")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     return p.parse_args(argv)
 
@@ -145,52 +147,79 @@ def server_timing(header: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------ phases
 async def run_phase(url: str, wire: list, reference: np.ndarray, clients: int, per_client: int,
-                    cap_s: float, offset: int = 0, keepalive: bool = True) -> dict:
+                    cap_s: float, offset: int = 0, keepalive: bool = True, client: str = "aiohttp") -> dict:
     """`clients` concurrent clients, each sending `per_client` single-item requests in turn.
 
     keepalive=False: a new connection per request. HTTP/1.1 keep-alive has a race no server can
     close: a client that reuses a connection just as the server's idle timer (uvicorn: 5 s from
     the response sent) closes it gets a reset. Under overload a starved client can take seconds
     to reuse a connection, so the overload run opens fresh ones and counts only the server's answers.
-    """
-    import httpx
 
+    client: "aiohttp" or "httpx". They differ in the client's own CPU per request, which on a
+    shared machine is taken from the server: on 2 cores at 64 connections httpx 0.28 spent
+    ~9.4 ms of CPU per request and aiohttp ~0.3-0.9 ms (see bench/README.md).
+    """
     records = []
     # request bodies are encoded once, before the clock starts: the load generator shares the
     # machine's cores with the server, so every millisecond of client CPU per request is one
     # the server does not get
     bodies = [json.dumps({"input": [item], "encoding_format": "base64"}).encode() for item in wire]
     headers = {"content-type": "application/json"}
-    # idle connections expire on the client before uvicorn's 5 s keep-alive closes them on the server,
-    # so no request is ever sent on a connection the server is closing
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients if keepalive else 0,
-                          keepalive_expiry=2.0)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        start = time.perf_counter()
+    start = time.perf_counter()
 
-        async def one_client(c: int) -> None:
-            for r in range(per_client):
-                if time.perf_counter() - start > cap_s:
-                    return
-                k = (offset + c * per_client + r) % len(wire)
-                t0 = time.perf_counter()
-                rec = {"item": k, "status": None, "error": None}
-                try:
-                    resp = await client.post("/v1/embeddings", content=bodies[k], headers=headers)
-                    rec["status"] = resp.status_code
-                    if resp.status_code == 200:
-                        row = np.frombuffer(base64.b64decode(resp.json()["data"][0]["embedding"]), "<f4")
-                        rec["max_diff"] = float(np.abs(row - reference[k]).max())
-                        rec.update(server_timing(resp.headers.get("server-timing")))
-                    elif resp.status_code == 429:
-                        rec["retry_after"] = resp.headers.get("retry-after")
-                except Exception as err:  # noqa: BLE001 - an unanswered request is a result, counted below
-                    rec["error"] = f"{type(err).__name__}: {err}"
-                rec["latency_ms"] = (time.perf_counter() - t0) * 1000
-                records.append(rec)
+    async def one_client(post, c: int) -> None:
+        for r in range(per_client):
+            if time.perf_counter() - start > cap_s:
+                return
+            k = (offset + c * per_client + r) % len(wire)
+            t0 = time.perf_counter()
+            rec = {"item": k, "status": None, "error": None}
+            try:
+                status, body, timing, retry_after = await post(bodies[k])
+                rec["status"] = status
+                if status == 200:
+                    row = np.frombuffer(base64.b64decode(json.loads(body)["data"][0]["embedding"]), "<f4")
+                    rec["max_diff"] = float(np.abs(row - reference[k]).max())
+                    rec.update(server_timing(timing))
+                elif status == 429:
+                    rec["retry_after"] = retry_after
+            except Exception as err:  # noqa: BLE001 - an unanswered request is a result, counted below
+                rec["error"] = f"{type(err).__name__}: {err}"
+            rec["latency_ms"] = (time.perf_counter() - t0) * 1000
+            records.append(rec)
 
-        await asyncio.gather(*(one_client(c) for c in range(clients)))
-        wall = time.perf_counter() - start
+    if client == "aiohttp":
+        import aiohttp
+
+        # force_close: a new connection per request (keepalive=False); limit: one per client
+        connector = (aiohttp.TCPConnector(limit=clients, keepalive_timeout=2.0) if keepalive
+                     else aiohttp.TCPConnector(limit=clients, force_close=True))
+        async with aiohttp.ClientSession(url, connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=300)) as session:
+            async def post(body: bytes):
+                async with session.post("/v1/embeddings", data=body, headers=headers) as resp:
+                    return (resp.status, await resp.read(), resp.headers.get("server-timing"),
+                            resp.headers.get("retry-after"))
+
+            start = time.perf_counter()
+            await asyncio.gather(*(one_client(post, c) for c in range(clients)))
+            wall = time.perf_counter() - start
+    else:
+        import httpx
+
+        # idle connections expire on the client before uvicorn's 5 s keep-alive closes them on the
+        # server, so no request is ever sent on a connection the server is closing
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients if keepalive else 0,
+                              keepalive_expiry=2.0)
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as session:
+            async def post(body: bytes):
+                resp = await session.post("/v1/embeddings", content=body, headers=headers)
+                return (resp.status_code, resp.content, resp.headers.get("server-timing"),
+                        resp.headers.get("retry-after"))
+
+            start = time.perf_counter()
+            await asyncio.gather(*(one_client(post, c) for c in range(clients)))
+            wall = time.perf_counter() - start
     return summarise(records, clients, wall)
 
 
@@ -287,7 +316,14 @@ def plot(path: Path, phases: list[dict], offline_rows: list[dict], title: str) -
 # --------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import httpx
+    import httpx  # the health probe and /metrics scrapes
+
+    if args.client is None:
+        try:
+            import aiohttp  # noqa: F401
+            args.client = "aiohttp"
+        except ImportError:
+            args.client = "httpx"
 
     import moon3rt
 
@@ -310,11 +346,11 @@ def main(argv=None) -> int:
     phases, overload = [], None
     try:
         with httpx.Client(base_url=url, timeout=30) as probe:
-            asyncio.run(run_phase(url, wire, reference, 4, 4, 60))  # warm-up, not reported
+            asyncio.run(run_phase(url, wire, reference, 4, 4, 60, client=args.client))  # warm-up, not reported
             for clients, n in zip(levels, per_client):
                 count0, sum0 = scrape(probe, "moon3rt_batch_size_count"), scrape(probe, "moon3rt_batch_size_sum")
                 cpu0, client0 = cpu_seconds(proc.pid), time.process_time()
-                phase = asyncio.run(run_phase(url, wire, reference, clients, n, args.phase_cap_s))
+                phase = asyncio.run(run_phase(url, wire, reference, clients, n, args.phase_cap_s, client=args.client))
                 ok = phase["statuses"].get("200", 0)
                 phase["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
                 phase["client_cpu_s"] = time.process_time() - client0
@@ -331,7 +367,8 @@ def main(argv=None) -> int:
                       f"statuses {phase['statuses']}, mixed {phase['mixed_results']}; CPU: server "
                       f"{phase['server_cpu_ms_per_item']:.1f} ms/item, client {phase['client_cpu_s']:.1f} s", flush=True)
             overload = asyncio.run(run_phase(url, wire, reference, args.overload_clients,
-                                             args.overload_requests_per_client, args.phase_cap_s, keepalive=False))
+                                             args.overload_requests_per_client, args.phase_cap_s, keepalive=False,
+                                             client=args.client))
             print(f"overload {args.overload_clients} clients x {args.overload_requests_per_client}: statuses "
                   f"{overload['statuses']}, unanswered {overload['unanswered']}, mixed {overload['mixed_results']}, "
                   f"Retry-After {overload['retry_after_values']}", flush=True)
@@ -390,7 +427,7 @@ def main(argv=None) -> int:
              f"{args.threads} torch thread(s), commit {reporting.git_commit()[:12]}")
     png_tool = plot(out_dir / f"{stem}.png", phases, offline_rows, title)
     env = reporting.environment(device)
-    env.update({name: reporting._version(name) for name in ("fastapi", "uvicorn", "httpx", "pydantic")})
+    env.update({name: reporting._version(name) for name in ("fastapi", "uvicorn", "httpx", "aiohttp", "pydantic")})
     report = {
         "schema": "moon3rt-bench-serve-load/1",
         "timestamp": dt.datetime.now().isoformat(timespec="seconds"),
