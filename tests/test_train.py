@@ -187,6 +187,28 @@ def test_attribute_text_from_an_image_drops_the_title_and_varies_the_rendering(w
     assert sample_pairs(data, 8, seed=0, step=3) == pairs  # a function of (seed, step)
 
 
+def test_a_share_of_the_attribute_texts_is_read_off_renderings(world, monkeypatch):
+    from moon3rt.train import data as train_data
+    from moon3rt.train.data import Preparer, build_step, sample_pairs
+
+    from moon3rt.prompt import PromptBuilder, load_tokenizer
+
+    cfg = config(world, "unused")
+    model = loop.build_model(cfg, torch.device("cpu"))
+    preparer = Preparer(PromptBuilder(model.cfg, load_tokenizer(loop.tokenizer_path(cfg.model))))
+    data = read_dataset(world)
+    pairs = sample_pairs(data, 8, seed=0, step=0)
+    flags = []
+    real = train_data.reasoning_source
+    monkeypatch.setattr(train_data, "reasoning_source",
+                        lambda d, i, v, from_image: flags.append(from_image) or real(d, i, v, from_image))
+    for share, expected in ((0.0, 0), (0.5, 2), (1.0, 4), (True, 4)):
+        flags.clear()
+        sb = build_step(preparer, data, pairs, 0, 1, 4, share)
+        assert sum(flags[:4]) == expected and not any(flags[4:]), (share, flags)
+        assert sb.ntp_inputs.numel() > 0
+
+
 def test_loss_falls_when_the_attribute_text_is_read_off_the_image(world, tmp_path):
     train(config(world, tmp_path, steps=20, lr=1e-2, hard_negatives=False, ntp_from_image=True))
     rows = logged(tmp_path)

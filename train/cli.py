@@ -70,9 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ("grad_checkpointing", "recompute decoder layers and vision blocks in backward"),
                         ("strict", "stop at the first bad data line instead of skipping bad lines"),
                         ("resume", "continue from the newest checkpoint under --out"),
-                        ("ntp_from_image", "learn the attribute text from a rendering with no title"),
                         ("no_fire", "ablation: drop FIRE"), ("no_fusion", "ablation: drop MHMF")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None, help=help_)
+    p.add_argument("--ntp-from-image", dest="ntp_from_image", type=float, nargs="?", const=1.0, default=None,
+                   metavar="SHARE", help="learn the attribute text from a rendering with no title: all of "
+                   "the --ntp-items, or this share of them (the rest from the product as listed)")
     p.add_argument("--no-matryoshka", dest="matryoshka", action="store_false", default=None,
                    help="InfoNCE on the full vector only")
     p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false", default=None)

@@ -276,15 +276,19 @@ def reasoning_source(data: Dataset, product: int, view: int, from_image: bool) -
 
 
 def build_step(preparer: Preparer, data: Dataset, pairs: Pairs, rank: int, world: int,
-               ntp_items: int, ntp_from_image: bool = False) -> StepBatch:
-    """This rank's contiguous shard of the global pairs, plus `ntp_items` reasoning sequences."""
+               ntp_items: int, ntp_from_image: float = 0.0) -> StepBatch:
+    """This rank's contiguous shard of the global pairs, plus `ntp_items` reasoning sequences:
+    the first round(ntp_from_image * ntp_items) learned from a rendering alone, the rest from
+    the product as listed (the pairs are drawn at random, so which products is random too)."""
     n = len(pairs.queries) // world
     lo = rank * n
     queries = [data.queries[i] for i in pairs.queries[lo:lo + n]]
     products = [data.products[i] for i in pairs.products[lo:lo + n]]
     items = [preparer.item(r) for r in queries] + [preparer.item(r) for r in products]
     views = pairs.views[lo:lo + n] if pairs.views else [0] * n
-    sources = [reasoning_source(data, i, v, ntp_from_image) for i, v in zip(pairs.products[lo:lo + n], views)]
+    from_image = round(float(ntp_from_image) * ntp_items)
+    sources = [reasoning_source(data, i, v, k < from_image)
+               for k, (i, v) in enumerate(zip(pairs.products[lo:lo + n], views))]
     reasoning = [preparer.reasoning_item(r) for r in sources[:ntp_items] if r.attributes]
     offset = sum(it.num_tokens for it in items)
     inputs, targets = [], []

@@ -58,7 +58,9 @@ class TrainConfig:
     matryoshka: bool = True
     ntp_weight: float = 0.2
     ntp_items: int = 4  # products per rank per micro-batch that also learn their attribute text
-    ntp_from_image: bool = False  # learn it from a rendering alone (no title): the text must be read off the image
+    # share of those learned from a rendering alone (no title), so the text must be read off
+    # the pixels; the rest from the product as listed. True = 1.0 (all), False = 0.0 (none)
+    ntp_from_image: float = 0.0
     hard_negatives: bool = True
     freeze_vision: bool = False
     grad_checkpointing: bool = False
@@ -320,6 +322,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
         raise ValueError("--out is required")
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
+    if not 0 <= float(cfg.ntp_from_image) <= 1:
+        raise ValueError(f"ntp_from_image={cfg.ntp_from_image} must be a share between 0 and 1")
     torch.manual_seed(cfg.seed)
     data = read_dataset(cfg.data, strict=cfg.strict)
     if rank == 0:
