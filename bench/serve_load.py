@@ -156,8 +156,7 @@ async def run_phase(url: str, wire: list, reference: np.ndarray, clients: int, p
     to reuse a connection, so the overload run opens fresh ones and counts only the server's answers.
 
     client: "aiohttp" or "httpx". They differ in the client's own CPU per request, which on a
-    shared machine is taken from the server: on 2 cores at 64 connections httpx 0.28 spent
-    ~9.4 ms of CPU per request and aiohttp ~0.3-0.9 ms (see bench/README.md).
+    shared machine is taken from the server (see bench/README.md).
     """
     records = []
     # request bodies are encoded once, before the clock starts: the load generator shares the
