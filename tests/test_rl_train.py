@@ -97,6 +97,15 @@ def test_a_model_without_emb_is_refused_up_front(world, tmp_path, capsys):
     assert "--ntp-weight not used by --stage rl" in capsys.readouterr().err
 
 
+def test_a_budget_past_the_models_positions_is_refused_up_front(world, sft, tmp_path, capsys):
+    out = tmp_path / "rl"
+    assert main(["train", "--stage", "rl", "--model", str(sft), "--data", str(world), "--out", str(out),
+                 "--max-reasoning-tokens", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-reasoning-tokens 100000 cannot fit" in err and "max_position_embeddings=" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_non_finite_objective_stops_with_the_step_and_last_good_checkpoint(world, sft, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = rl_loop.update
