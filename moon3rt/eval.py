@@ -4,7 +4,8 @@ Products are encode-input JSON lines (``id``, ``text``, ``image``/``images``) wi
 optional ``attributes`` object; queries are JSON lines with ``id``, ``text`` and/or
 ``image``/``images``, ``relevant`` (product ids) and an optional ``kind``. Reported, per
 query kind (``text``, ``title``, ``image``, ``product``; inferred from the fields when
-absent), as MBE-style benchmarks do:
+absent), and for ``text/detail``, the text queries whose ``attributes`` name a fine detail
+(`DETAIL_FIELDS`, a value other than "none" or "0"), as MBE-style benchmarks do:
 
 - Recall@K = |top K  ∩  relevant| / |relevant|, K in 1, 5, 10;
 - MRR@10 = 1 / rank of the first relevant product within the top 10 (0 if none);
@@ -38,6 +39,9 @@ import torch
 from .jsonl import decode_line, json_lines
 
 KS = (1, 5, 10)
+# fine details a query can name (the world's held-out text queries name one half of the time)
+DETAIL_FIELDS = ("logo", "logo colour", "buttons", "stitching", "strap")
+DETAIL_KIND = "text/detail"
 PROMPT = "{attribute}: {value}"
 
 
@@ -170,6 +174,13 @@ def query_kind(obj: dict) -> str:
     return "image" if has_image else "text"
 
 
+def names_detail(obj: dict) -> bool:
+    """A text query whose attributes name a fine detail the product has."""
+    attributes = obj.get("attributes")
+    return (query_kind(obj) == "text" and isinstance(attributes, dict)
+            and any(str(attributes.get(f, "none")).strip().lower() not in ("none", "0") for f in DETAIL_FIELDS))
+
+
 def read_queries(path: Path, product_index: dict[str, int], problems: list[str]) -> list[dict]:
     """Queries with their relevant products as pool indices; ids missing from the pool are reported."""
     out = []
@@ -185,7 +196,8 @@ def read_queries(path: Path, product_index: dict[str, int], problems: list[str])
         rel = {product_index[str(r)] for r in relevant if str(r) in product_index}
         if not rel:
             continue
-        out.append({"id": str(obj["id"]), "kind": query_kind(obj), "item": _item(obj, path.parent), "relevant": rel})
+        out.append({"id": str(obj["id"]), "kind": query_kind(obj), "item": _item(obj, path.parent), "relevant": rel,
+                    "detail": names_detail(obj)})
     return out
 
 
@@ -249,8 +261,10 @@ def _retrieval(encoder, ids, items, queries, products_path, queries_path, proble
     search_pool = np.nan_to_num(pool, nan=-1e3) * pool_ok[:, None]
     q_ok = np.isfinite(qres.embeddings).all(1)
     kinds = {}
-    for kind in sorted({q["kind"] for q in queries}):
-        rows = [i for i, q in enumerate(queries) if q["kind"] == kind and q_ok[i]]
+    groups = {kind: [i for i, q in enumerate(queries) if q["kind"] == kind and q_ok[i]]
+              for kind in sorted({q["kind"] for q in queries})}
+    groups[DETAIL_KIND] = [i for i, q in enumerate(queries) if q["detail"] and q_ok[i]]
+    for kind, rows in groups.items():
         if not rows:
             continue
         _, top = search(qres.embeddings[rows], search_pool, k=max(KS))

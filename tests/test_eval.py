@@ -61,8 +61,13 @@ def test_eval_cli_reports_table_json_and_missing_ids(tmp_path, capsys):
     assert "recall@10" in captured.out and "zero-shot attribute" in captured.out
     assert "no-such-product" in captured.err and "not valid JSON" in captured.err
     report = json.loads(out.read_text())
-    assert report["products"] == 8 and set(report["kinds"]) == {"text", "title", "image", "product"}
+    lines = [json.loads(line) for line in (directory / "queries.jsonl").read_text().splitlines()[:-2]]
+    detail = [q for q in lines if q["kind"] == "text" and any(
+        q["attributes"].get(f, "none") not in ("none", "0") for f in ("logo", "buttons", "stitching", "strap"))]
+    assert detail, "the held-out world's text queries name fine details"
+    assert report["products"] == 8 and set(report["kinds"]) == {"text", "title", "image", "product", "text/detail"}
     assert report["kinds"]["image"]["queries"] == 8
+    assert report["kinds"]["text/detail"]["queries"] == len(detail) < report["kinds"]["text"]["queries"]
     assert 0.0 <= report["zero_shot"]["colour"]["accuracy"] <= 1.0
     assert out.with_suffix(".png").exists()
 
