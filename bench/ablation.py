@@ -34,14 +34,17 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def table(results: dict[str, dict], steps: int) -> str:
-    head = "| row (" + f"{steps} steps" + ") | " + " | ".join(c[0] for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+def table(results: dict[str, dict], steps: int, columns=COLUMNS) -> str:
+    """A markdown table, one row per report; a column is (heading, *keys into the report)."""
+    head = "| row (" + f"{steps} steps" + ") | " + " | ".join(c[0] for c in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for row, report in results.items():
         cells = []
-        for _, section, key, metric in COLUMNS:
-            value = report.get(section, {}).get(key, {}).get(metric)
-            cells.append("-" if value is None else f"{value:.3f}")
+        for _, *path in columns:
+            value = report
+            for key in path:
+                value = value.get(key, {}) if isinstance(value, dict) else {}
+            cells.append(f"{value:.3f}" if isinstance(value, (int, float)) else "-")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

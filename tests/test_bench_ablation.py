@@ -37,3 +37,27 @@ def test_finished_rows_are_reused(tmp_path, monkeypatch):
 def test_unknown_row_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         ablation.main(["--out", str(tmp_path), "--rows", "no such row"])
+
+
+def test_rl_rows_reuse_finished_runs_and_read_reasoning_columns(tmp_path, monkeypatch):
+    import rl_ablation
+
+    def rl_report(direct, reasoning, colour):
+        return {"kinds": {"text": {"recall@10": direct}},
+                "reasoning": {"kinds": {"text": {"recall@10": reasoning}},
+                              "attributes": {"colour": {"accuracy": colour}}}}
+
+    for slug, values in (("sft", (0.5, 0.25, 0.75)), ("joint-rl", (0.625, 0.5, 0.875))):
+        (tmp_path / slug).mkdir(parents=True)
+        (tmp_path / slug / "eval.json").write_text(json.dumps(rl_report(*values)))
+    (tmp_path / "joint-rl" / "final").mkdir()
+    (tmp_path / "joint-rl" / "final" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(rl_ablation, "run", lambda cmd: pytest.fail(f"ran {cmd}"))
+    assert rl_ablation.main(["--sft", "unused", "--data", "unused", "--out", str(tmp_path),
+                             "--rows", "SFT,joint RL", "--steps", "4"]) == 0
+    lines = (tmp_path / "rl_ablation.md").read_text().splitlines()
+    assert lines[0].startswith("| row (4 steps) | text R@10 | reasoning text R@10 |")
+    assert lines[2].startswith("| SFT | 0.500 | 0.250 | - |") and "| 0.750 |" in lines[2]
+    assert lines[3].startswith("| joint RL | 0.625 | 0.500 | - |") and "| 0.875 |" in lines[3]
+    with pytest.raises(SystemExit):
+        rl_ablation.main(["--sft", "x", "--data", "x", "--out", str(tmp_path), "--rows", "no such row"])
