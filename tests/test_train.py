@@ -238,3 +238,15 @@ def test_resume_refuses_a_checkpoint_of_the_other_stage(world, tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint of the contrastive stage"):
         loop.resume(tmp_path, model, optimizer, scheduler, torch.device("cpu"))
     assert loop.resume(tmp_path, model, optimizer, scheduler, torch.device("cpu"), stage="rl")[0] == 1
+
+
+def test_ntp_from_image_flag_alone_means_all_and_takes_a_share():
+    import argparse
+
+    from moon3rt.train.cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--ntp-from-image", "--steps", "3"]).ntp_from_image == 1.0
+    assert p.parse_args(["--ntp-from-image", "0.5"]).ntp_from_image == 0.5
+    assert p.parse_args([]).ntp_from_image is None
