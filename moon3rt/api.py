@@ -323,14 +323,11 @@ class Encoder:
     def _check_reasoning_budget(self, plan: ReasoningPlan) -> None:
         from .generate import KVCache
 
-        limit = self.config.text.max_position_embeddings
+        problem = self.prompt.budget_problem(plan)
+        if problem is not None:
+            raise ValueError(problem)
         shortest = self.prompt.shortest_prompt(reasoning=True)
         closing = len(plan.close_ids)
-        if shortest + plan.max_tokens + closing > limit:
-            raise ValueError(
-                f"max_reasoning_tokens={plan.max_tokens} cannot fit this model's positions: the shortest "
-                f"reasoning prompt takes {shortest} and the closing tokens {closing}, so "
-                f"max_position_embeddings={limit} leaves at most {limit - shortest - closing} tokens to reason")
         per_position = KVCache.bytes_per_position(self.config.text, self.dtype)
         need = (shortest + plan.max_tokens + closing) * per_position
         free = free_memory(self.device)

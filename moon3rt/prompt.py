@@ -204,6 +204,17 @@ class PromptBuilder:
         head_ids, tail_ids = self._template_ids(0, reasoning)
         return len(head_ids) + 1 + len(tail_ids)
 
+    def budget_problem(self, plan: ReasoningPlan) -> str | None:
+        """Why the plan's reasoning budget cannot fit the model's positions even for the
+        shortest prompt (plus the closing tokens), or None."""
+        limit = self.cfg.text.max_position_embeddings
+        shortest, closing = self.shortest_prompt(reasoning=True), len(plan.close_ids)
+        if shortest + plan.max_tokens + closing <= limit:
+            return None
+        return (f"max_reasoning_tokens={plan.max_tokens} cannot fit this model's positions: the shortest "
+                f"reasoning prompt takes {shortest} and the closing tokens {closing}, so "
+                f"max_position_embeddings={limit} leaves at most {limit - shortest - closing} tokens to reason")
+
     @functools.lru_cache(maxsize=64)  # one builder per encoder, alive as long as the encoder
     def _template_ids(self, n_images: int, reasoning: bool) -> tuple[list[int], list[int]]:
         """Token ids of the template around the title, the same for every item with as many images."""

@@ -102,7 +102,8 @@ def test_a_budget_past_the_models_positions_is_refused_up_front(world, sft, tmp_
     assert main(["train", "--stage", "rl", "--model", str(sft), "--data", str(world), "--out", str(out),
                  "--max-reasoning-tokens", "100000"]) == 2
     err = capsys.readouterr().err
-    assert "--max-reasoning-tokens 100000 cannot fit" in err and "max_position_embeddings=" in err
+    assert "max_reasoning_tokens=100000 cannot fit this model's positions" in err and "max_position_embeddings=" in err
+    assert "(--max-reasoning-tokens)" in err
     assert "Traceback" not in err and not out.exists()
 
 

@@ -121,12 +121,9 @@ def _train_rl(cfg: RLTrainConfig, rank: int, world: int, device: torch.device) -
             plan = plan.with_budget(cfg.max_reasoning_tokens)
     except ValueError as err:
         raise RLRefused(str(err)) from None
-    limit = policy.cfg.text.max_position_embeddings
-    shortest = prompt.shortest_prompt(reasoning=True)
-    if shortest + plan.max_tokens + len(plan.close_ids) > limit:
-        raise RLRefused(f"--max-reasoning-tokens {plan.max_tokens} cannot fit {cfg.model}'s positions: the shortest "
-                        f"reasoning prompt takes {shortest} and the closing tokens {len(plan.close_ids)}, so "
-                        f"max_position_embeddings={limit} leaves at most {limit - shortest - len(plan.close_ids)}")
+    problem = prompt.budget_problem(plan)
+    if problem is not None:
+        raise RLRefused(f"--stage rl with {cfg.model}: {problem} (--max-reasoning-tokens)")
     data = read_dataset(cfg.data, strict=cfg.strict)
     pairs = min(cfg.batch_size, len(data.trainable))
     if pairs < 2 or pairs % world:
