@@ -34,6 +34,24 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def evaluate(model: Path, report: Path, world: Path, products: int, *extra: str) -> dict:
+    """`moon3rt eval --world` of `model` into `report` (the held-out world cached under `world`),
+    unless `report` exists already; returns the report."""
+    if not report.exists():
+        report.parent.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, "-m", "moon3rt", "eval", "--model", str(model), "--world", *extra, "--world-dir",
+             str(world), "--world-products", str(products), "--output", str(report), "--no-progress"])
+    return json.loads(report.read_text())
+
+
+def write(stem: Path, text: str, meta: dict) -> None:
+    """The table to ``stem.md``, `meta` (plus the commit) to ``stem.json``, and the table to stdout."""
+    stem.with_suffix(".md").write_text(text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "commit": os.environ.get("MOON3RT_GIT_COMMIT")},
+                                                    indent=2) + "\n")
+    print(text)
+
+
 def table(results: dict[str, dict], steps: int, columns=COLUMNS) -> str:
     """A markdown table, one row per report; a column is (heading, *keys into the report)."""
     head = "| row (" + f"{steps} steps" + ") | " + " | ".join(c[0] for c in columns) + " |"
@@ -74,17 +92,9 @@ def main(argv=None) -> int:
             run(py + ["train", "--recipe", args.recipe, "--data", str(world), "--out", str(run_dir),
                       "--steps", str(args.steps), "--no-progress", *(["--model", args.model] if args.model else []),
                       *ROWS[row]])
-        report = run_dir / "eval.json"
-        if not report.exists():
-            run(py + ["eval", "--model", str(run_dir / "final"), "--world", "--world-dir", str(out / "world"),
-                      "--world-products", str(args.world_products), "--output", str(report), "--no-progress"])
-        results[row] = json.loads(report.read_text())
-    text = table(results, args.steps)
-    (out / "ablation.md").write_text(text + "\n")
-    (out / "ablation.json").write_text(json.dumps({"steps": args.steps, "recipe": args.recipe, "model": args.model,
-                                                   "commit": os.environ.get("MOON3RT_GIT_COMMIT"),
-                                                   "rows": results}, indent=2) + "\n")
-    print(text)
+        results[row] = evaluate(run_dir / "final", run_dir / "eval.json", out / "world", args.world_products)
+    write(out / "ablation", table(results, args.steps),
+          {"steps": args.steps, "recipe": args.recipe, "model": args.model, "rows": results})
     return 0
 
 

@@ -14,13 +14,11 @@ reused, so an interrupted run resumes and rows can run in separate processes (``
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import run, table  # noqa: E402
+import ablation  # noqa: E402
 
 ROWS = {"SFT": None, "RL without InfoNCE": ["--nce-weight", "0"], "joint RL": []}
 COLUMNS = [("text R@10", "kinds", "text", "recall@10"),
@@ -61,20 +59,13 @@ def main(argv=None) -> int:
         if ROWS[row] is not None:
             model = run_dir / "final"
             if not (model / "model.safetensors").exists():
-                run(py + ["train", "--stage", "rl", "--model", args.sft, "--data", args.data, "--out", str(run_dir),
-                          "--steps", str(args.steps), "--lr", str(args.lr), "--no-progress", *ROWS[row]])
-        report = run_dir / "eval.json"
-        if not report.exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            run(py + ["eval", "--model", str(model), "--world", "--reasoning", "--world-dir", str(out / "world"),
-                      "--world-products", str(args.world_products), "--output", str(report), "--no-progress"])
-        results[row] = json.loads(report.read_text())
-    text = table(results, args.steps, COLUMNS)
-    (out / "rl_ablation.md").write_text(text + "\n")
-    (out / "rl_ablation.json").write_text(json.dumps({"steps": args.steps, "lr": args.lr, "sft": args.sft,
-                                                      "commit": os.environ.get("MOON3RT_GIT_COMMIT"),
-                                                      "rows": results}, indent=2) + "\n")
-    print(text)
+                ablation.run(py + ["train", "--stage", "rl", "--model", args.sft, "--data", args.data,
+                                   "--out", str(run_dir), "--steps", str(args.steps), "--lr", str(args.lr),
+                                   "--no-progress", *ROWS[row]])
+        results[row] = ablation.evaluate(model, run_dir / "eval.json", out / "world", args.world_products,
+                                         "--reasoning")
+    ablation.write(out / "rl_ablation", ablation.table(results, args.steps, COLUMNS),
+                   {"steps": args.steps, "lr": args.lr, "sft": args.sft, "rows": results})
     return 0
 
 

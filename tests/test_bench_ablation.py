@@ -52,7 +52,7 @@ def test_rl_rows_reuse_finished_runs_and_read_reasoning_columns(tmp_path, monkey
         (tmp_path / slug / "eval.json").write_text(json.dumps(rl_report(*values)))
     (tmp_path / "joint-rl" / "final").mkdir()
     (tmp_path / "joint-rl" / "final" / "model.safetensors").write_bytes(b"")
-    monkeypatch.setattr(rl_ablation, "run", lambda cmd: pytest.fail(f"ran {cmd}"))
+    monkeypatch.setattr(ablation, "run", lambda cmd: pytest.fail(f"ran {cmd}"))  # trains and evaluates
     assert rl_ablation.main(["--sft", "unused", "--data", "unused", "--out", str(tmp_path),
                              "--rows", "SFT,joint RL", "--steps", "4"]) == 0
     lines = (tmp_path / "rl_ablation.md").read_text().splitlines()
