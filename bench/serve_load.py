@@ -164,7 +164,14 @@ async def run_phase(url: str, wire: list, reference: np.ndarray, clients: int, p
     # the server does not get
     bodies = [json.dumps({"input": [item], "encoding_format": "base64"}).encode() for item in wire]
     headers = {"content-type": "application/json"}
-    start = time.perf_counter()
+    start = 0.0  # set when the clients start, once the session is open
+
+    async def drive(post) -> float:
+        """All clients through `post(body) -> (status, body, server-timing, retry-after)`; wall seconds."""
+        nonlocal start
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client(post, c) for c in range(clients)))
+        return time.perf_counter() - start
 
     async def one_client(post, c: int) -> None:
         for r in range(per_client):
@@ -200,9 +207,7 @@ async def run_phase(url: str, wire: list, reference: np.ndarray, clients: int, p
                     return (resp.status, await resp.read(), resp.headers.get("server-timing"),
                             resp.headers.get("retry-after"))
 
-            start = time.perf_counter()
-            await asyncio.gather(*(one_client(post, c) for c in range(clients)))
-            wall = time.perf_counter() - start
+            wall = await drive(post)
     else:
         import httpx
 
@@ -216,9 +221,7 @@ async def run_phase(url: str, wire: list, reference: np.ndarray, clients: int, p
                 return (resp.status_code, resp.content, resp.headers.get("server-timing"),
                         resp.headers.get("retry-after"))
 
-            start = time.perf_counter()
-            await asyncio.gather(*(one_client(post, c) for c in range(clients)))
-            wall = time.perf_counter() - start
+            wall = await drive(post)
     return summarise(records, clients, wall)
 
 
