@@ -23,7 +23,16 @@ from .backends import create_backend
 from .batching import TokenBudget, pack
 from .checkpoint import CheckpointError, load_model
 from .config import PRESETS, UME_R1_TOKENS, Moon3Config, detect_flavour
-from .images import CLIP_MEAN, CLIP_STD, MAX_ASPECT_RATIO, ImageError, gme_pre_resize, load_image, preprocess_image
+from .images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_ASPECT_RATIO,
+    ImageError,
+    gme_pre_resize,
+    load_image,
+    preprocess_image,
+)
 from .items import Item, ItemError, to_item
 from .model import Moon3Model, matryoshka, random_model
 from .prompt import PreparedItem, PromptBuilder, ReasoningPlan, TextTooLongError, TokenizerError, load_tokenizer
@@ -130,12 +139,14 @@ class Encoder:
         return self.config.output_dim
 
     # ------------------------------------------------------------------ preprocessing
-    def prepare(self, obj: Any, index: int = 0, truncate: bool = True, reasoning: bool = False) -> PreparedItem:
+    def prepare(self, obj: Any, index: int = 0, truncate: bool = True, reasoning: bool = False, *,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PreparedItem:
         """Validate, decode, resize, patchify and tokenise one item (raises `ItemError`).
 
         reasoning: build reasoning mode's prompt (the prefix generation continues). A title
         longer than ``max_text_tokens`` is cut (``truncate=True``, the result's `truncated`
-        is set; `encode` warns once per call) or refused.
+        is set; `encode` warns once per call) or refused. max_image_pixels: refuse an image
+        larger than this (for a file, by its header, before it is decoded).
         """
         item = to_item(obj, index)
         cfg, v = self.config, self.config.vision
@@ -149,8 +160,8 @@ class Encoder:
         for j, source in enumerate(sources):
             try:
                 gme = cfg.flavour == "gme"  # GME's own code drops alpha before its processor
-                image = load_image(source, target_pixels=cfg.max_pixels, composite_alpha=not gme,
-                                   max_aspect_ratio=None if gme else MAX_ASPECT_RATIO)
+                image = load_image(source, max_image_pixels=max_image_pixels, target_pixels=cfg.max_pixels,
+                                   composite_alpha=not gme, max_aspect_ratio=None if gme else MAX_ASPECT_RATIO)
                 if gme:
                     image = gme_pre_resize(image)
                 elif cfg.flavour == "ume-r1":  # qwen-vl-utils' resize, then the processor's

@@ -82,9 +82,10 @@ class Batcher:
 
     def __init__(self, encoders: Encoder | Sequence[Encoder], metrics: Metrics, *, max_batch_tokens: int = 16384,
                  max_batch_items: int = 64, max_wait_ms: float = 5.0, max_queue_items: int = 1024,
-                 workers: int = 4):
+                 workers: int = 4, max_image_pixels: int = 40_000_000):
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_items", max_batch_items),
-                            ("max_queue_items", max_queue_items), ("workers", workers)):
+                            ("max_queue_items", max_queue_items), ("workers", workers),
+                            ("max_image_pixels", max_image_pixels)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_wait_ms < 0:
@@ -96,6 +97,7 @@ class Batcher:
         self.encoder, self.metrics = self.encoders[0], metrics
         self.max_batch_tokens, self.max_batch_items = max_batch_tokens, max_batch_items
         self.max_wait_s, self.max_queue_items = max_wait_ms / 1000, max_queue_items
+        self.max_image_pixels = max_image_pixels
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moon3rt-prepare")
         self._cond = threading.Condition()
         # one lane per reasoning plan (None: direct mode); each lane is FIFO
@@ -163,7 +165,8 @@ class Batcher:
         result: PreparedItem | ItemError | None = None
         if not job.cancelled:
             try:
-                result = self.encoder.prepare(resolve(raw[i], i), i, reasoning=job.plan is not None)
+                result = self.encoder.prepare(resolve(raw[i], i), i, reasoning=job.plan is not None,
+                                              max_image_pixels=self.max_image_pixels)
             except ItemError as err:
                 result = err.detached()  # a kept traceback would hold the item's bytes
             except Exception as err:  # noqa: BLE001 - fails this item, never the pool or other requests

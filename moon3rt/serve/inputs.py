@@ -2,24 +2,21 @@
 
 An image is a ``data:image/...;base64,`` URI or, only under directories the operator
 allows (``--allow-path``), a file path. URLs are refused, never fetched: fetching would
-let any caller make the server request addresses of the caller's choosing. Every image is
-checked against the pixel limit from its header before anything decodes it.
+let any caller make the server request addresses of the caller's choosing. The pixel limit
+(``--max-image-pixels``) is `Encoder.prepare`'s, checked on the image's header before
+anything decodes it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from ..items import ItemError
 
@@ -29,22 +26,21 @@ _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.DOTA
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    """Where images may come from and how large they may be."""
+    """Where image files may come from and how large they may be (in bytes; the pixel limit is
+    `Encoder.prepare`'s)."""
 
     allowed_dirs: tuple[Path, ...] = ()
-    max_image_pixels: int = 40_000_000
     max_file_bytes: int = 32 * 2**20
 
     @classmethod
-    def create(cls, allow_paths: Sequence[str | os.PathLike] = (), max_image_pixels: int = 40_000_000,
-               max_file_bytes: int = 32 * 2**20) -> ImagePolicy:
+    def create(cls, allow_paths: Sequence[str | os.PathLike] = (), max_file_bytes: int = 32 * 2**20) -> ImagePolicy:
         dirs = []
         for p in allow_paths:
             path = Path(p).expanduser().resolve()
             if not path.is_dir():
                 raise ValueError(f"--allow-path {os.fspath(p)!r} is not a directory")
             dirs.append(path)
-        return cls(tuple(dirs), max_image_pixels, max_file_bytes)
+        return cls(tuple(dirs), max_file_bytes)
 
 
 def to_encoder_item(obj: Any, index: int, policy: ImagePolicy) -> Any:
@@ -75,13 +71,10 @@ def _image(value: Any, index: int, where: str, policy: ImagePolicy) -> bytes:
 def read_image(source: str, index: int, where: str, policy: ImagePolicy) -> bytes:
     """The encoded bytes of one image given as a data: URI or an allowed file path."""
     if source.startswith("data:"):
-        data = _decode_data_uri(source, index, where)
-    elif _URL.match(source):
+        return _decode_data_uri(source, index, where)
+    if _URL.match(source):
         raise ItemError(index, f"{where}: URLs are not fetched; send the image as a data:image/...;base64, URI")
-    else:
-        data = _read_file(source, index, where, policy)
-    _check_pixels(data, index, where, policy.max_image_pixels)
-    return data
+    return _read_file(source, index, where, policy)
 
 
 def _decode_data_uri(uri: str, index: int, where: str) -> bytes:
@@ -122,24 +115,6 @@ def _read_file(source: str, index: int, where: str, policy: ImagePolicy) -> byte
         raise ItemError(index, f"{where}: file not found: {source!r}") from None
     except OSError as err:
         raise ItemError(index, f"{where}: cannot read {source!r}: {err.strerror or err}") from None
-
-
-def _check_pixels(data: bytes, index: int, where: str, limit: int) -> None:
-    """Refuse an image whose header claims more than `limit` pixels; decoding errors are left to
-    `Encoder.prepare`, which names them."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                width, height = img.size
-    except Image.DecompressionBombError as err:
-        raise ItemError(index, f"{where}: image exceeds the pixel limit of {limit} (--max-image-pixels): "
-                        f"{err}") from None
-    except Exception:  # noqa: BLE001 - not an image PIL knows; prepare reports why
-        return
-    if width * height > limit:
-        raise ItemError(index, f"{where}: image is {width}x{height} = {width * height} pixels, more than "
-                        f"the limit of {limit} (--max-image-pixels)")
 
 
 def _json_type(obj: Any) -> str:
