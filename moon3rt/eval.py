@@ -204,12 +204,15 @@ def read_queries(path: Path, product_index: dict[str, int], problems: list[str])
 # ------------------------------------------------------------------------------ report
 def evaluate(encoder, products_path: str | os.PathLike, queries_path: str | os.PathLike, dim: int | None = None,
              batch_size: int = 64, prompt: str = PROMPT, show_progress: bool = True, reasoning: bool | None = None,
-             max_reasoning_tokens: int | None = None) -> dict:
+             max_reasoning_tokens: int | None = None, zero_shot_by_input: bool = False) -> dict:
     """Encode the pool and the queries with `encoder` (a `moon3rt.Encoder`) and score them.
 
     reasoning=None encodes in the encoder's default mode; True reports direct mode and, under
     ``"reasoning"``, reasoning mode (budget `max_reasoning_tokens`) with the accuracy of the
-    generated attributes; False is direct mode alone.
+    generated attributes; False is direct mode alone. zero_shot_by_input: also classify the
+    products that have both text and image(s) from their image(s) alone and from their text
+    alone (``"zero_shot_by_input"``: ``both``, ``image``, ``text``, over those products), which
+    tells whether an attribute the vector misses is lost from the picture or from the words.
     """
     products_path, queries_path = Path(products_path), Path(queries_path)
     plan = encoder.reasoning_plan(max_reasoning_tokens) if reasoning else None  # why it cannot reason, up front
@@ -234,6 +237,9 @@ def evaluate(encoder, products_path: str | os.PathLike, queries_path: str | os.P
         texts = [prompt.format(attribute=name, value=v) for v in values]
         prompt_vectors[name] = (values, encoder.encode(texts, batch_size=batch_size, dim=dim, **mode))
     report["zero_shot"] = zero_shot_accuracy(direct["pool"], attributes, prompt_vectors)
+    if zero_shot_by_input:
+        report["zero_shot_by_input"] = _zero_shot_by_input(encoder, items, attributes, direct["pool"], prompt_vectors,
+                                                           dim, batch_size, show_progress, mode)
     if plan is not None:
         found: list[str] = []
         run = _retrieval(encoder, ids, items, queries, products_path, queries_path, found, dim, batch_size,
@@ -244,6 +250,23 @@ def evaluate(encoder, products_path: str | os.PathLike, queries_path: str | os.P
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["problems"] = problems
     return report
+
+
+def _zero_shot_by_input(encoder, items, attributes, pool, prompt_vectors, dim, batch_size, show_progress,
+                        mode: dict) -> dict:
+    """Zero-shot accuracy of the products with text and image(s): as listed, image(s) alone, text alone."""
+    rows = [i for i, it in enumerate(items) if it.get("text") and (it.get("image") is not None or it.get("images"))]
+    if not rows:
+        return {}
+    truth = [attributes[i] for i in rows]
+    out = {"products": len(rows), "both": zero_shot_accuracy(pool[rows], truth, prompt_vectors)}
+    views = {"image": [{k: items[i][k] for k in ("image", "images") if k in items[i]} for i in rows],
+             "text": [items[i]["text"] for i in rows]}
+    for view, view_items in views.items():
+        vectors = encoder.encode_with_report(view_items, batch_size=batch_size, dim=dim, show_progress=show_progress,
+                                             **mode).embeddings
+        out[view] = zero_shot_accuracy(vectors, truth, prompt_vectors)
+    return out
 
 
 def _retrieval(encoder, ids, items, queries, products_path, queries_path, problems, dim, batch_size, show_progress,
@@ -300,6 +323,13 @@ def format_table(report: dict) -> str:
         lines += ["", f"{'zero-shot attribute':<20} {'accuracy':>9} {'chance':>7} {'products':>9}"]
         for name, z in report["zero_shot"].items():
             lines.append(f"{name:<20} {z['accuracy']:>9.3f} {z['chance']:>7.3f} {z['products']:>9}")
+    by_input = report.get("zero_shot_by_input")
+    if by_input:
+        lines += ["", f"zero-shot from one input ({by_input['products']} products with text and image)",
+                  f"{'attribute':<20} {'both':>9} {'image':>9} {'text':>9}"]
+        for name in by_input["both"]:
+            lines.append(f"{name:<20} " + " ".join(f"{by_input[v][name]['accuracy']:>9.3f}"
+                                                   for v in ("both", "image", "text")))
     if "reasoning" in report:
         r = report["reasoning"]
         lines += ["", f"Reasoning mode (up to {r['max_tokens']} tokens): {r['products']} products",
@@ -354,6 +384,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dim", type=int, default=None, help="Matryoshka truncation (default: full)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--prompt", default=PROMPT, help=f"zero-shot prompt template (default {PROMPT!r})")
+    p.add_argument("--zero-shot-by-input", action="store_true", help="also classify products with text and "
+                   "image from the image(s) alone and from the text alone (two more passes over them)")
     p.add_argument("--reasoning", action="store_true", help="also evaluate reasoning mode, and the accuracy of "
                    "the generated attributes against the products' ground truth, per field")
     p.add_argument("--max-reasoning-tokens", type=int, default=None,
@@ -392,7 +424,7 @@ def main(args) -> int:
                     return 2
         report = evaluate(encoder, products, queries, dim=args.dim, batch_size=args.batch_size, prompt=args.prompt,
                           show_progress=not args.no_progress, reasoning=True if args.reasoning else None,
-                          max_reasoning_tokens=args.max_reasoning_tokens)
+                          max_reasoning_tokens=args.max_reasoning_tokens, zero_shot_by_input=args.zero_shot_by_input)
     if args.world:
         report["world"] = {"seed": args.world_seed, "split": "heldout", "products": args.world_products}
     for problem in report["problems"][:20]:

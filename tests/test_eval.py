@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import moon3rt
 from moon3rt.api import Encoder
 from moon3rt.cli import main
 from moon3rt.eval import generated_attribute_accuracy, retrieval_metrics, search, zero_shot_accuracy
@@ -70,6 +71,31 @@ def test_eval_cli_reports_table_json_and_missing_ids(tmp_path, capsys):
     assert report["kinds"]["text/detail"]["queries"] == len(detail) < report["kinds"]["text"]["queries"]
     assert 0.0 <= report["zero_shot"]["colour"]["accuracy"] <= 1.0
     assert out.with_suffix(".png").exists()
+
+
+def test_eval_zero_shot_by_input_classifies_each_input_alone(tmp_path, capsys):
+    directory = write_split(WorldSpec(seed=1, heldout_products=8, size=56), "heldout", tmp_path / "w",
+                            show_progress=False)
+    out = tmp_path / "report.json"
+    assert main(["eval", "--model", "moon3-tiny-random", "--products", str(directory / "products.jsonl"),
+                 "--queries", str(directory / "queries.jsonl"), "--output", str(out), "--no-progress",
+                 "--zero-shot-by-input"]) == 0
+    assert "zero-shot from one input (8 products" in capsys.readouterr().out
+    by_input = json.loads(out.read_text())["zero_shot_by_input"]
+    # the same figures computed here from the model's vectors of each input alone
+    encoder = moon3rt.load("moon3-tiny-random")
+    products = [json.loads(line) for line in (directory / "products.jsonl").read_text().splitlines()]
+    truth = [p["attributes"] for p in products]
+    colours = sorted({a["colour"] for a in truth})
+    prompts = {"colour": (colours, encoder.encode([f"colour: {c}" for c in colours]))}
+    views = {"both": [{"text": p["text"], "image": directory / p["image"]} for p in products],
+             "image": [{"image": directory / p["image"]} for p in products],
+             "text": [p["text"] for p in products]}
+    for view, items in views.items():
+        want = zero_shot_accuracy(encoder.encode(items), truth, prompts)["colour"]
+        assert by_input[view]["colour"] == pytest.approx(want), view
+    assert by_input["products"] == 8
+    assert by_input["both"]["colour"] == json.loads(out.read_text())["zero_shot"]["colour"]
 
 
 # ------------------------------------------------------------------------ --reasoning
