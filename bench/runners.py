@@ -53,10 +53,10 @@ def pixel_dtype(model: Moon3Model, device: torch.device) -> torch.dtype | None:
 
 
 def _packed(items: list[PreparedItem], merge: int, device: torch.device, dtype: torch.dtype | None) -> PackedBatch:
-    batch = pack(items, merge, pin_memory=device.type == "cuda" and dtype is None)
-    if batch.pixel_values is not None and dtype is not None:
+    batch = pack(items, merge, pin_memory=device.type == "cuda")
+    if batch.pixel_values is not None and batch.pixel_values.is_floating_point() and dtype is not None:
         batch = dataclasses.replace(batch, pixel_values=host_pixels(batch.pixel_values, device, dtype))
-    return batch
+    return batch  # uint8 patches (pack's) go to the device as they are, 1 byte per value
 
 
 class BackendRunner:

@@ -183,7 +183,7 @@ class Run:
         t0 = time.perf_counter()
         self.raw = workload.make_items(args.items, self.image_size, tokenizer, args.text_tokens, "JPEG")
         self.items = [self.encoder.prepare(item, i) for i, item in enumerate(self.raw)]
-        self.item_flops = {id(p): flops_per_item(self.cfg, [im.pixel_values.shape[0] for im in p.images],
+        self.item_flops = {id(p): flops_per_item(self.cfg, [im.num_patches for im in p.images],
                                                  p.num_tokens, len(p.title_positions)) for p in self.items}
         log(f"workload: {args.items} items of {self.image_size}x{self.image_size} "
             f"in {time.perf_counter() - t0:.1f} s")
@@ -240,7 +240,7 @@ class Run:
         vision = ref["vision"] + ref["merger"]
         return {
             "per_item": float(np.mean(list(self.item_flops.values()))),
-            "breakdown_first_item": flop_breakdown(self.cfg, [im.pixel_values.shape[0] for im in first.images],
+            "breakdown_first_item": flop_breakdown(self.cfg, [im.num_patches for im in first.images],
                                                    first.num_tokens, len(first.title_positions)),
             "reference_2b": {"decoder_tokens": ref_tokens, "template_tokens": template, "tflop": ref_total / 1e12,
                              "vision_share": vision / ref_total, "design_md_tflop": DESIGN_TFLOP_PER_ITEM,

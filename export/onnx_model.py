@@ -61,6 +61,9 @@ without MHMF has no ``title_mask``, and one without MHMF or mean pooling no
 
 Output: ``embeddings`` (B, output_dim) float32, un-normalised, = `Moon3Model.forward`.
 
+The graph takes the processor's normalised float32 patches; a batch of uint8 patches (as
+`moon3rt.batching.pack` makes them) is expanded to them by `export_inputs`.
+
 Text-only batches: `export_inputs` gives a batch without pixels one placeholder image
 of a single merge window (spatial_merge_size^2 zero patches) that no token refers to,
 so the graph never sees a zero-size dim; its cost is a few patches through the vision
@@ -79,6 +82,7 @@ import torch
 from torch import nn
 
 from ..config import Moon3Config
+from ..images import expand_levels
 from ..model import Moon3Model, PackedBatch, rope_inv_freq, rotate_half, vision_positions
 
 VISION_INPUTS = ("pixel_values", "patch_slot", "image_patches", "image_mask", "patch_pos")
@@ -322,7 +326,12 @@ def export_inputs(batch: PackedBatch, cfg: Moon3Config, vision: bool = True) -> 
                 f" and {0 if not has_pixels else batch.pixel_values.shape[0]} patches; use the full graph"
             )
         return out
-    if has_pixels:
+    if has_pixels and batch.pixel_values.dtype == torch.uint8:  # the graph takes the processor's float patches
+        if batch.pixel_norm is None:
+            raise ValueError("uint8 pixel_values need their normalisation (PackedBatch.pixel_norm)")
+        pixels = expand_levels(batch.pixel_values.cpu().numpy(), *batch.pixel_norm, cfg.vision.temporal_patch_size)
+        grid = batch.image_grid_thw.cpu().numpy().astype(np.int64)
+    elif has_pixels:
         pixels = batch.pixel_values.detach().cpu().float().numpy()
         grid = batch.image_grid_thw.cpu().numpy().astype(np.int64)
     else:

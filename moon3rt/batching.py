@@ -58,11 +58,17 @@ def pack(items: Sequence[PreparedItem], image_merge: int = 2, pin_memory: bool =
     starts = np.concatenate([[0], np.cumsum([it.num_tokens for it in items])[:-1]])
     images = [img for it in items for img in it.images]
     merged = [sum(img.grid_thw[1] * img.grid_thw[2] // image_merge**2 for img in it.images) for it in items]
+    pixel_norm = None
     if images:
-        arrays = [img.pixel_values for img in images]
+        pixel_norm = images[0].norm
+        for k, img in enumerate(images):
+            if img.norm != pixel_norm:
+                raise ValueError(f"image {k} of the batch is normalised by mean/std {img.norm}, image 0 by "
+                                 f"{pixel_norm}: one batch takes one normalisation")
+        arrays = [img.levels for img in images]  # uint8: the patch embedding normalises them
         if pin_memory:
             shape = (sum(a.shape[0] for a in arrays), arrays[0].shape[1])
-            pixel_values = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+            pixel_values = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
             np.concatenate(arrays, out=pixel_values.numpy())
         else:
             pixel_values = torch.from_numpy(np.concatenate(arrays))
@@ -81,6 +87,7 @@ def pack(items: Sequence[PreparedItem], image_merge: int = 2, pin_memory: bool =
         cu_images=_offsets(merged),
         pixel_values=pixel_values,
         image_grid_thw=grid_thw,
+        pixel_norm=pixel_norm,
     )
 
 
@@ -166,4 +173,5 @@ def take_items(batch: PackedBatch, indices: Sequence[int], merge: int) -> Packed
         cu_images=_offsets(cu_i[b + 1] - cu_i[b] for b in indices),
         pixel_values=pixel_values,
         image_grid_thw=grid,
+        pixel_norm=batch.pixel_norm if pixel_values is not None else None,
     )

@@ -307,7 +307,7 @@ def _extend(batch: PackedBatch, new_tokens: list[int], next_position: int) -> Pa
         cu_seqlens=torch.tensor([0, length], dtype=torch.int32, device=batch.cu_seqlens.device),
         pool_index=torch.tensor([length - 1], device=batch.pool_index.device),
         title_index=batch.title_index, cu_titles=batch.cu_titles, cu_images=batch.cu_images,
-        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw, pixel_norm=batch.pixel_norm,
     )
 
 

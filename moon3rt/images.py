@@ -426,10 +426,46 @@ def gme_pre_resize(image: Image.Image) -> Image.Image:
 
 @dataclass
 class PatchifiedImage:
-    """One image ready for the vision tower; merged tokens = grid_h * grid_w / merge_size**2."""
+    """One image ready for the vision tower; merged tokens = grid_h * grid_w / merge_size**2.
 
-    pixel_values: np.ndarray  # (grid_h * grid_w, 3 * temporal_patch_size * patch_size**2) float32
+    The patches stay uint8 (`levels`): the vision tower's patch embedding normalises them
+    itself (`moon3rt.model.PatchEmbed`), with the temporal copies of the still frame folded
+    into its weights, so a patch costs 3 * patch_size**2 bytes instead of 4 * T times that.
+    `pixel_values` gives the Qwen2-VL processor's float32 patches (the exported graphs'
+    input, and the oracle's).
+    """
+
+    levels: np.ndarray  # (grid_h * grid_w, 3 * patch_size**2) uint8: each patch's (C, P, P) pixels
     grid_thw: tuple[int, int, int]  # (1, grid_h, grid_w), in patches of patch_size pixels
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    temporal_patch_size: int = 2
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.levels.shape[0])
+
+    @property
+    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.mean, self.std
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """(grid_h * grid_w, 3 * T * patch_size**2) float32, laid out (C, T, P, P) as the processor does."""
+        return expand_levels(self.levels, self.mean, self.std, self.temporal_patch_size)
+
+
+def expand_levels(levels: np.ndarray, mean, std, temporal_patch_size: int = 2) -> np.ndarray:
+    """uint8 patches (N, C*P*P) -> the processor's normalised float32 patches (N, C*T*P*P), the
+    frame repeated T times; exact (one table lookup per channel)."""
+    n, channels = levels.shape[0], len(mean)
+    per = levels.shape[1] // channels
+    table = _normalise_table(tuple(map(float, mean)), tuple(map(float, std)))
+    out = np.empty((n, channels, temporal_patch_size, per), dtype=np.float32)
+    by_channel = levels.reshape(n, channels, per)
+    for c in range(channels):
+        out[:, c] = table[c].take(by_channel[:, c])[:, None, :]
+    return out.reshape(n, channels * temporal_patch_size * per)
 
 
 @functools.lru_cache(maxsize=8)
@@ -454,11 +490,12 @@ def preprocess_image(
     mean=CLIP_MEAN,
     std=CLIP_STD,
 ) -> PatchifiedImage:
-    """Resize, normalise and patchify one image for the Qwen2-VL vision tower.
+    """Resize and patchify one image for the Qwen2-VL vision tower.
 
-    Patch vectors are laid out (C, T, P, P), the single frame repeated T =
-    temporal_patch_size times; patches are ordered row-major over merge windows, and
-    row-major within each merge_size x merge_size window.
+    Patches are ordered row-major over merge windows, and row-major within each
+    merge_size x merge_size window; each is kept as its uint8 (C, P, P) pixels with the
+    `mean`/`std` that normalise them. `.pixel_values` is the processor's float32 form:
+    laid out (C, T, P, P), the single frame repeated T = temporal_patch_size times.
     """
     if image.mode != "RGB":
         image = _to_rgb(image)
@@ -474,18 +511,16 @@ def preprocess_image(
     pixels = np.asarray(image)  # (H, W, 3) uint8
 
     grid_h, grid_w = height // patch_size, width // patch_size
-    m, p, t = merge_size, patch_size, temporal_patch_size
-    # (H, W, C) -> (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p), copied as uint8
-    # (a quarter of the float32 bytes), then one table lookup per channel writes normalised
-    # float32 into every temporal copy of the final (C, T, p, p) layout
+    m, p = merge_size, patch_size
+    # (H, W, C) -> (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p): patches in the
+    # processor's order, each (C, p, p), still uint8
     levels = np.ascontiguousarray(
         pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
     )
-    table = _normalise_table(tuple(map(float, mean)), tuple(map(float, std)))
-    values = np.empty(levels.shape[:5] + (t, p, p), dtype=np.float32)
-    for c in range(3):
-        values[:, :, :, :, c] = table[c].take(levels[:, :, :, :, c])[:, :, :, :, None]
     return PatchifiedImage(
-        pixel_values=values.reshape(grid_h * grid_w, 3 * t * p * p),
+        levels=levels.reshape(grid_h * grid_w, 3 * p * p),
+        mean=tuple(map(float, mean)),
+        std=tuple(map(float, std)),
+        temporal_patch_size=temporal_patch_size,
         grid_thw=(1, grid_h, grid_w),
     )

@@ -33,8 +33,11 @@ class PackedBatch:
     title_index: torch.Tensor  # (N_txt,) int64: packed indices of the title tokens, item by item
     cu_titles: torch.Tensor  # (B+1,) int32: item b owns title_index[cu_titles[b]:cu_titles[b+1]]
     cu_images: torch.Tensor  # (B+1,) int32: item b owns merged image tokens cu_images[b]:cu_images[b+1]
-    pixel_values: torch.Tensor | None = None  # (P, C*T*ps*ps) float32 patches of all images
+    # the patches of all images: (P, C*ps*ps) uint8 pixels normalised by `pixel_norm` in the
+    # patch embedding, or (P, C*T*ps*ps) float patches normalised already (pixel_norm None)
+    pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3) int64, in patches
+    pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) per channel
 
     @property
     def num_items(self) -> int:
@@ -78,16 +81,46 @@ class RMSNorm(nn.Module):
 
 # ----------------------------------------------------------------------------- vision
 class PatchEmbed(nn.Module):
-    """Conv3d with stride = kernel on (C, T, P, P) patches, i.e. a Linear on flattened patches."""
+    """Conv3d with stride = kernel on (C, T, P, P) patches, i.e. a Linear on flattened patches.
+
+    uint8 patches (C, P, P) of a still image are normalised here: with
+    x = ((l / 255) - mean_c) / std_c repeated over T, W x = W' (l - 128) + b', where W' sums
+    W over T and scales channel c by 1 / (255 std_c), and b' = sum W (128 / 255 - mean_c) / std_c.
+    (Centring the levels at 128 keeps the two terms as small as the normalised input's.)
+    """
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
         self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=kernel, stride=kernel, bias=False)
+        self._folded: tuple | None = None  # (key, W', b') for inference; recomputed when the weight changes
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, norm: tuple | None = None) -> torch.Tensor:
         weight = self.proj.weight
-        return patches.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
+        if patches.dtype != torch.uint8:
+            return patches.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
+        if norm is None:
+            raise ValueError("uint8 patches need their normalisation (PackedBatch.pixel_norm)")
+        w, b = self.folded(norm)
+        return (patches.to(weight.dtype) - 128) @ w.t() + b
+
+    def folded(self, norm: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W' (D, C*P*P), b' (D,)) in the weight's dtype, computed in fp32 (at least) on the weight's device
+        (python scalars only: no host-to-device copy, so safe inside a CUDA graph capture once cached)."""
+        weight = self.proj.weight
+        training = torch.is_grad_enabled() and weight.requires_grad
+        key = (norm, weight._version, weight.data_ptr(), weight.dtype, weight.device)
+        if not training and self._folded is not None and self._folded[0] == key:
+            return self._folded[1], self._folded[2]
+        mean, std = norm
+        w = weight.to(torch.promote_types(weight.dtype, torch.float32)).sum(dim=2)  # (D, C, P, P): the frame over T
+        channels = range(w.shape[1])
+        scaled = torch.stack([w[:, c] * ((1 / 255) / std[c]) for c in channels], dim=1)
+        bias = sum(w[:, c].sum(dim=(1, 2)) * ((128 / 255 - mean[c]) / std[c]) for c in channels)
+        out = scaled.reshape(w.shape[0], -1).to(weight.dtype), bias.to(weight.dtype)
+        if not training:
+            self._folded = (key, *out)
+        return out
 
 
 class VisionAttention(nn.Module):
@@ -176,9 +209,11 @@ class VisionTower(nn.Module):
         freqs = torch.cat([freqs, freqs], dim=-1)
         return freqs.cos(), freqs.sin()
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(Z, V)``: the merger's grouped normalised input and its output."""
-        x = self.patch_embed(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(Z, V)``: the merger's grouped normalised input and its output. `norm`:
+        the (mean, std) of uint8 `pixel_values` (`PackedBatch.pixel_norm`)."""
+        x = self.patch_embed(pixel_values, norm)
         cos, sin = self.rotary(grid_thw)
         lengths = (grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).to(torch.int32)
         cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
@@ -401,7 +436,8 @@ class Moon3Model(nn.Module):
         h = lm.embed_tokens(batch.input_ids)
         image_rows = v = r = None
         if vision is not None or (batch.pixel_values is not None and batch.pixel_values.shape[0] > 0):
-            z, v = vision if vision is not None else self.visual(batch.pixel_values, batch.image_grid_thw)
+            z, v = vision if vision is not None else self.visual(batch.pixel_values, batch.image_grid_thw,
+                                                                 batch.pixel_norm)
             image_rows = torch.nonzero(batch.input_ids == self.cfg.image_token_id).squeeze(1)
             if image_rows.numel() != v.shape[0]:
                 raise ValueError(f"{image_rows.numel()} <|image_pad|> tokens but {v.shape[0]} merged image tokens")

@@ -66,7 +66,7 @@ class PreparedItem:
 
     @property
     def num_patches(self) -> int:
-        return sum(int(img.pixel_values.shape[0]) for img in self.images)
+        return sum(img.num_patches for img in self.images)
 
     @property
     def cost(self) -> int:

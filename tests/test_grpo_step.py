@@ -122,7 +122,7 @@ def test_shared_vision_pass_equals_repeated_images():
     unique = pack(prompts)
     cu = unique.cu_images.tolist()
     images = SharedImages(unique.pixel_values, unique.image_grid_thw,
-                          torch.cat([torch.arange(cu[o], cu[o + 1]) for o in owners]))
+                          torch.cat([torch.arange(cu[o], cu[o + 1]) for o in owners]), unique.pixel_norm)
     bare = dataclasses.replace(full, pixel_values=None, image_grid_thw=None)
 
     def run(batch, shared):

@@ -498,3 +498,54 @@ def test_huge_non_jpeg_is_reduced_right_after_decoding(monkeypatch):
     a = preprocess_image(full, max_pixels=target).pixel_values
     b = preprocess_image(small, max_pixels=target).pixel_values
     assert a.shape == b.shape and np.abs(a - b).mean() < 0.05
+
+
+# ------------------------------------------------------------------------ uint8 patches
+@pytest.mark.parametrize("mean, std", [(CLIP_MEAN, CLIP_STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def test_uint8_patches_embed_as_the_processor_floats(mean, std):
+    """The patch embedding of uint8 patches (normalisation and the temporal copies folded into
+    its weights) equals the float path on the processor's patches; gradients reach the weight."""
+    import torch
+
+    from moon3rt.config import PRESETS
+    from moon3rt.model import PatchEmbed
+
+    rng = np.random.default_rng(0)
+    out = preprocess_image(Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)), mean=mean, std=std)
+    assert out.levels.dtype == np.uint8 and out.levels.shape == (24, 3 * 14 * 14)
+    assert out.num_patches == 24 and out.pixel_values.shape == (24, 3 * 2 * 14 * 14)
+    torch.manual_seed(0)
+    embed = PatchEmbed(PRESETS["moon3-tiny"].vision).double()
+    want = embed(torch.from_numpy(out.pixel_values).double())
+    with torch.no_grad():
+        got = embed(torch.from_numpy(out.levels), out.norm)
+        again = embed(torch.from_numpy(out.levels), out.norm)  # the cached fold
+    # the processor's patches are float32-rounded; the fold works on the exact levels
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    (grad_float,) = torch.autograd.grad(want.square().sum(), embed.proj.weight)
+    (grad_uint8,) = torch.autograd.grad(embed(torch.from_numpy(out.levels), out.norm).square().sum(),
+                                        embed.proj.weight)
+    torch.testing.assert_close(grad_uint8, grad_float, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        embed.proj.weight.mul_(2)  # a changed weight is folded again, not served from the cache
+        torch.testing.assert_close(embed(torch.from_numpy(out.levels), out.norm), 2 * got, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="normalisation"):
+        embed(torch.from_numpy(out.levels))
+
+
+def test_pack_refuses_two_normalisations_in_one_batch():
+    from moon3rt.batching import pack
+    from moon3rt.prompt import PreparedItem
+
+    image = Image.fromarray(np.full((56, 56, 3), 90, np.uint8))
+    a, b = preprocess_image(image), preprocess_image(image, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+    def item(img):
+        ids = np.full(img.num_patches // 4 + 1, 5, dtype=np.int64)
+        return PreparedItem(input_ids=ids, position_ids=np.zeros((3, ids.size), np.int64), pool_position=ids.size - 1,
+                            title_positions=np.zeros(0, np.int64), images=[img])
+
+    assert pack([item(a), item(a)]).pixel_norm == a.norm
+    with pytest.raises(ValueError, match="one batch takes one normalisation"):
+        pack([item(a), item(b)])

@@ -95,9 +95,10 @@ class SharedImages:
     """Each prompt's images once; `index` (N_img,) maps every merged image token of the packed
     rollouts to its row of the vision tower's output on these pixels."""
 
-    pixel_values: torch.Tensor  # (P, C*T*ps*ps) patches of every prompt's images, prompt order
+    pixel_values: torch.Tensor  # (P, ...) patches of every prompt's images, prompt order (see PackedBatch)
     image_grid_thw: torch.Tensor  # (n_images, 3)
     index: torch.Tensor  # (N_img,) int64
+    pixel_norm: tuple | None = None  # (mean, std) of uint8 pixel_values
 
 
 class Rescorer(nn.Module):
@@ -117,7 +118,7 @@ class Rescorer(nn.Module):
         if images is None and batch.pixel_values is None and int(batch.cu_images[-1]) > 0:
             raise ValueError("the batch has image tokens but no pixels: pass its `images` (RolloutBatch.images)")
         if images is not None:
-            z, v = self.model.visual(images.pixel_values, images.image_grid_thw)
+            z, v = self.model.visual(images.pixel_values, images.image_grid_thw, images.pixel_norm)
             vision = (z[images.index], v[images.index])
         h, v = self.model.hidden_states(batch, vision=vision)
         logits = masked_logits(self.model.output_embeddings(), h[predict_index], self.suppressed_ids)
@@ -252,8 +253,9 @@ def collect(policy: Moon3Model, reference: Rescorer, prompt: PromptBuilder, quer
         cu = prompts.cu_images.tolist()
         owners = [s * B + r // G for s in (0, 1) for r in range(B * G)]  # the prompt of every row
         index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in owners])
-        images = SharedImages(prompts.pixel_values.to(device), prompts.image_grid_thw.to(device), index.to(device))
-        batch = dataclasses.replace(batch, pixel_values=None, image_grid_thw=None)
+        images = SharedImages(prompts.pixel_values.to(device), prompts.image_grid_thw.to(device), index.to(device),
+                              prompts.pixel_norm)
+        batch = dataclasses.replace(batch, pixel_values=None, image_grid_thw=None, pixel_norm=None)
     batch = batch.to(device)
     as_long = {"dtype": torch.int64, "device": device}
     predict_index, targets = torch.tensor(predict, **as_long), torch.tensor(targets, **as_long)

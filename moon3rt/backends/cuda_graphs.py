@@ -44,11 +44,12 @@ class ForwardInputs:
     position_ids: torch.Tensor  # (3, T) int64
     cu_seqlens: torch.Tensor  # (B+1,) int32
     max_len: int  # longest item, tokens
-    pixel_values: torch.Tensor | None = None  # (P, C*T*ps*ps) patches
+    pixel_values: torch.Tensor | None = None  # (P, ...) patches (see PackedBatch)
     vision_positions: torch.Tensor | None = None  # (P, 2) row/column of each patch
     vision_cu: torch.Tensor | None = None  # (I+1,) int32 patch offsets of the images
     vision_max_len: int = 0  # longest image, patches
     image_rows: torch.Tensor | None = None  # (P/4,) int64: the packed rows the merged image tokens replace
+    pixel_norm: tuple | None = None  # (mean, std) of uint8 pixel_values
 
     @property
     def tokens(self) -> int:
@@ -75,6 +76,7 @@ class Bucket:
     images: int
     patches: int
     vision_max_len: int
+    pixel_norm: tuple | None = None  # a graph bakes in its normalisation of uint8 pixels
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def bucket_for(inputs: ForwardInputs, limits: BucketLimits = BucketLimits()) -> 
         images=_power_of_two(inputs.images) if patches else 0,
         patches=_round_up(patches, limits.patch_step) if patches else 0,
         vision_max_len=_round_up(inputs.vision_max_len, limits.len_step) if patches else 0,
+        pixel_norm=inputs.pixel_norm if patches else None,
     )
     if (bucket.items > limits.max_items or bucket.tokens > limits.max_tokens or bucket.images > limits.max_images
             or bucket.patches > limits.max_patches):
@@ -134,6 +137,7 @@ def allocate_inputs(bucket: Bucket, like: ForwardInputs) -> ForwardInputs:
         vision_cu=_padded(like.vision_cu, bucket.images + 1) if has_images else None,
         vision_max_len=bucket.vision_max_len,
         image_rows=_padded(like.image_rows, bucket.patches // 4) if has_images else None,
+        pixel_norm=bucket.pixel_norm,
     )
 
 

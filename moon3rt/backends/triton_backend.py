@@ -119,10 +119,11 @@ class TritonBackend:
         cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
         return positions, cu.to(self.device), _max_len(cu)
 
-    def _vision_tower(self, pixel_values, positions, cu, max_len) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z, V) of the vision tower from patches, their positions and the images' offsets (device)."""
+    def _vision_tower(self, pixel_values, positions, cu, max_len, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z, V) of the vision tower from patches, their positions and the images' offsets (device);
+        `norm`: the (mean, std) of uint8 patches."""
         tower, cfg = self.model.visual, self.cfg.vision
-        x = tower.patch_embed(pixel_values)
+        x = tower.patch_embed(pixel_values, norm)
         n, heads = x.shape[0], cfg.num_heads
         out = None
         for block in tower.blocks:
@@ -167,7 +168,7 @@ class TritonBackend:
         if has_images:
             positions, cu, vision_max = self._vision_layout(grid_host)
             inputs.pixel_values, inputs.vision_positions, inputs.vision_cu = moved.pixel_values, positions, cu
-            inputs.vision_max_len, inputs.image_rows = vision_max, rows
+            inputs.vision_max_len, inputs.image_rows, inputs.pixel_norm = vision_max, rows, batch.pixel_norm
         return inputs
 
     def forward(self, inputs: ForwardInputs, kv_sink=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -178,7 +179,7 @@ class TritonBackend:
         v = r = None
         if inputs.pixel_values is not None:
             z, v = self._vision_tower(inputs.pixel_values, inputs.vision_positions, inputs.vision_cu,
-                                      inputs.vision_max_len)
+                                      inputs.vision_max_len, inputs.pixel_norm)
             h.index_copy_(0, inputs.image_rows, v.to(h.dtype))
             if model.fire is not None:
                 r = fire_prologue(z, model.fire.norm.weight, model.fire.down.weight, model.fire.norm.eps)
