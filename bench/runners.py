@@ -21,7 +21,6 @@ result is the same and half the bytes cross).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 
 import numpy as np
@@ -34,8 +33,6 @@ from moon3rt.model import Moon3Model, PackedBatch
 from moon3rt.prompt import PreparedItem
 
 PEERS = ("transformers", "torch.compile")
-# backends whose patch embedding takes 16-bit pixels (the exported graphs take fp32)
-TORCH_PIXEL_BACKENDS = ("torch", "triton")
 
 
 def host_pixels(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -52,11 +49,9 @@ def pixel_dtype(model: Moon3Model, device: torch.device) -> torch.dtype | None:
     return dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else None
 
 
-def _packed(items: list[PreparedItem], merge: int, device: torch.device, dtype: torch.dtype | None) -> PackedBatch:
-    batch = pack(items, merge, pin_memory=device.type == "cuda")
-    if batch.pixel_values is not None and batch.pixel_values.is_floating_point() and dtype is not None:
-        batch = dataclasses.replace(batch, pixel_values=host_pixels(batch.pixel_values, device, dtype))
-    return batch  # uint8 patches (pack's) go to the device as they are, 1 byte per value
+def _packed(items: list[PreparedItem], merge: int, device: torch.device) -> PackedBatch:
+    """The batch as `Encoder` makes it: uint8 patches, page-locked on CUDA (1 byte per value to copy)."""
+    return pack(items, merge, pin_memory=device.type == "cuda")
 
 
 class BackendRunner:
@@ -64,10 +59,9 @@ class BackendRunner:
         self.name = name
         self.backend = create_backend(name, model, device)
         self.merge, self.device = model.cfg.vision.spatial_merge_size, device
-        self.pixel_dtype = pixel_dtype(model, device) if name in TORCH_PIXEL_BACKENDS else None
 
     def prepare(self, items: list[PreparedItem]) -> PackedBatch:
-        return _packed(items, self.merge, self.device, self.pixel_dtype)
+        return _packed(items, self.merge, self.device)
 
     def run(self, batch: PackedBatch) -> torch.Tensor:
         return self.backend.embed(batch)
@@ -82,10 +76,9 @@ class CompiledRunner:
         self.model = torch.compile(model)
         self.device = device
         self.merge = model.cfg.vision.spatial_merge_size
-        self.pixel_dtype = pixel_dtype(model, device)
 
     def prepare(self, items: list[PreparedItem]) -> PackedBatch:
-        return _packed(items, self.merge, self.device, self.pixel_dtype)
+        return _packed(items, self.merge, self.device)
 
     @torch.inference_mode()
     def run(self, batch: PackedBatch) -> torch.Tensor:

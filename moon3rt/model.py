@@ -102,7 +102,7 @@ class PatchEmbed(nn.Module):
         if norm is None:
             raise ValueError("uint8 patches need their normalisation (PackedBatch.pixel_norm)")
         w, b = self.folded(norm)
-        return (patches.to(weight.dtype) - 128) @ w.t() + b
+        return F.linear(patches.to(weight.dtype).sub_(128), w, b)  # one temporary: the converted levels
 
     def folded(self, norm: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(W' (D, C*P*P), b' (D,)) in the weight's dtype, computed in fp32 (at least) on the weight's device
