@@ -213,8 +213,10 @@ class Run:
                 "text_tokens": a.text_tokens, "threads": torch.get_num_threads(), "duration_s": a.duration,
                 "warmup_s": a.warmup, "items": a.items,
                 "cosine_threshold": self.threshold,
-                "host_pixels": ("page-locked, in the model's dtype for torch/triton/peers (fp32 for exported graphs)"
-                                if self.device.type == "cuda" else "fp32, pageable (CPU run: no copy)"),
+                "host_pixels": ("page-locked; uint8 for torch/triton/torch.compile (normalised in the patch "
+                                "embedding), the model's dtype for transformers, fp32 for the exported graphs"
+                                if self.device.type == "cuda" else "uint8 (fp32 for transformers and the exported "
+                                "graphs), pageable (CPU run: no copy)"),
                 "model_config": self.cfg.to_dict()}
 
     def workload_section(self) -> dict:
