@@ -4,7 +4,9 @@
 transformers' Qwen2-VL image processor (its PIL backend): PIL BICUBIC resize of the
 uint8 RGB image to multiples of patch_size * merge_size, x / 255 in float64 then
 float32, (x - mean) / std in float32, and the patch order that groups each
-merge_size x merge_size window.
+merge_size x merge_size window. It keeps the patches as uint8 (`PatchifiedImage.levels`,
+what the runtime sends to the model, whose patch embedding normalises them); the float
+`pixel_values` are computed from them on request.
 """
 
 from __future__ import annotations
