@@ -326,13 +326,14 @@ def export_inputs(batch: PackedBatch, cfg: Moon3Config, vision: bool = True) -> 
                 f" and {0 if not has_pixels else batch.pixel_values.shape[0]} patches; use the full graph"
             )
         return out
-    if has_pixels and batch.pixel_values.dtype == torch.uint8:  # the graph takes the processor's float patches
-        if batch.pixel_norm is None:
-            raise ValueError("uint8 pixel_values need their normalisation (PackedBatch.pixel_norm)")
-        pixels = expand_levels(batch.pixel_values.cpu().numpy(), *batch.pixel_norm, cfg.vision.temporal_patch_size)
-        grid = batch.image_grid_thw.cpu().numpy().astype(np.int64)
-    elif has_pixels:
-        pixels = batch.pixel_values.detach().cpu().float().numpy()
+    if has_pixels:
+        pixels = batch.pixel_values.detach().cpu()
+        if pixels.dtype == torch.uint8:  # the graph takes the processor's float patches
+            if batch.pixel_norm is None:
+                raise ValueError("uint8 pixel_values need their normalisation (PackedBatch.pixel_norm)")
+            pixels = expand_levels(pixels.numpy(), *batch.pixel_norm, cfg.vision.temporal_patch_size)
+        else:
+            pixels = pixels.float().numpy()
         grid = batch.image_grid_thw.cpu().numpy().astype(np.int64)
     else:
         pixels, grid = placeholder_image(cfg)
