@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -208,6 +209,14 @@ def load_model(
     return model.eval()
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file`, readable as the rest of the checkpoint: safetensors 0.8
+    creates its file owner-only (0600), which a checkpoint shipped or shared must not be, so
+    it takes the mode of the config.json written beside it (the umask's, without touching it)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, stat.S_IMODE((path.parent / "config.json").stat().st_mode))
+
+
 def save_model(model: Moon3Model, directory: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
     """Write config.json and safetensors under transformers-5 names (sharded past `max_shard_bytes`)."""
     directory = Path(directory)
@@ -219,7 +228,7 @@ def save_model(model: Moon3Model, directory: str | os.PathLike, max_shard_bytes:
     model.cfg.to_json_file(directory / "config.json")
     tensors = {_checkpoint_name(k): _own_storage(v.detach().cpu()) for k, v in model.state_dict().items()}
     if max_shard_bytes is None:
-        save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
+        _save_file(tensors, directory / SINGLE_FILE)
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -233,7 +242,7 @@ def save_model(model: Moon3Model, directory: str | os.PathLike, max_shard_bytes:
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        _save_file(shard, directory / fname)
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -423,3 +423,13 @@ def test_broken_checkpoint_files_fail_at_load_naming_the_file(case, tiny_model, 
     message = str(info.value)
     assert str(tmp_path / file).rstrip("/") in message, message
     assert re.search(problem, message), message
+
+
+def test_weight_files_are_as_readable_as_the_config(tiny_model, tmp_path):
+    # safetensors creates its files owner-only; a saved checkpoint keeps the umask's mode
+    # for every file, so a shipped or shared checkpoint is readable by its other users
+    for sub, shard in (("single", None), ("sharded", 60_000)):
+        save_model(tiny_model, tmp_path / sub, max_shard_bytes=shard)
+        mode = (tmp_path / sub / "config.json").stat().st_mode & 0o777
+        weights = list((tmp_path / sub).glob("*.safetensors"))
+        assert weights and all(w.stat().st_mode & 0o777 == mode for w in weights)
