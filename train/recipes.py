@@ -26,10 +26,10 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "moon3-tiny": Recipe(
         world=WorldSpec(seed=0, train_products=3000, heldout_products=1200, image_queries=3, text_queries=3),
-        train=TrainConfig(model="moon3-tiny-random", steps=2200, batch_size=32, lr=1e-3, warmup=100,
-                          temperature=0.05, ntp_weight=0.3, ntp_items=4, ntp_from_image=True, save_every=100,
+        train=TrainConfig(model="moon3-tiny-random", steps=5000, batch_size=32, lr=2e-3, warmup=100,
+                          temperature=0.05, ntp_weight=0.5, ntp_items=8, ntp_from_image=0.5, save_every=500,
                           log_every=10, seed=0, max_minutes=45),
-        note="about 45 minutes of one CPU thread (the world's rendering included); see docs/TRAINING.md",
+        note="about 40 minutes of one CPU thread (the world's rendering included); see docs/TRAINING.md",
     ),
 }
 
